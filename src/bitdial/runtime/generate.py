@@ -1,0 +1,190 @@
+"""Text generation: prefill in one batched pass, then token-by-token decode with sampling and streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from bitdial.loading.tokenizer import Tokenizer
+from bitdial.model.llama import Transformer
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. ``temperature=0`` is greedy."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off (as in CTRL / transformers: divide positive logits)
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
+    stop_ids: list[int] | None = None  # None = the tokenizer's end-of-sequence ids
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish_reason: str = ""  # "stop" (eos or stop string) or "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0  # forward passes of one token
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(completion_tokens=self.completion_tokens, prefill_tokens_per_s=self.prefill_tps,
+                 decode_tokens_per_s=self.decode_tps)
+        return d
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, history: torch.Tensor | None,
+                gen: torch.Generator | None) -> int:
+    """Pick one token from logits [V]. ``history`` holds the ids seen so far (for the penalty)."""
+    logits = logits.float()
+    if p.repetition_penalty != 1.0 and history is not None and history.numel():
+        seen = torch.unique(history)
+        vals = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        cum = torch.cumsum(probs, dim=-1)
+        drop = cum - probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class _StopMatcher:
+    """Holds back text that could be the start of a stop string; reports when one is complete."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                out, self.pending = self.pending[:i], ""
+                return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+                    result: GenerationResult | None = None) -> Iterator[str]:
+    """Yield text pieces as they are produced (complete UTF-8 only); fill ``result`` with the totals."""
+    params.validate()
+    res = result if result is not None else GenerationResult()
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    cfg = model.config
+    total = len(prompt_ids) + params.max_tokens
+    if total > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+            f"context of {cfg.max_seq_len}; shorten the prompt or lower max_tokens"
+        )
+    res.prompt_tokens = len(prompt_ids)
+    stop_ids = set(tokenizer.eos_ids if params.stop_ids is None else params.stop_ids)
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    history = torch.tensor(prompt_ids, dtype=torch.long)
+    matcher = _StopMatcher(params.stop)
+    detok = tokenizer.stream()
+    stopped = False
+    if params.max_tokens == 0:
+        res.finish_reason = "length"
+        return
+    with torch.inference_mode():
+        model.setup_cache(1, total)
+        t0 = time.perf_counter()
+        logits = model(history[None], 0, last_only=True)[0, -1]  # [V]
+        res.prefill_s = time.perf_counter() - t0
+        pos = len(prompt_ids)
+        t1 = time.perf_counter()
+        while True:
+            tok = sample_next(logits, params, history, gen)
+            if tok in stop_ids:
+                res.finish_reason = "stop"
+                break
+            res.token_ids.append(tok)
+            history = torch.cat([history, torch.tensor([tok])])
+            piece, stopped = matcher.feed(detok.push(tok))
+            if piece:
+                res.text += piece
+                yield piece
+            if stopped:
+                res.finish_reason = "stop"
+                break
+            if len(res.token_ids) >= params.max_tokens:
+                res.finish_reason = "length"
+                break
+            logits = model(torch.tensor([[tok]]), pos)[0, -1]
+            pos += 1
+            res.decode_steps += 1
+        res.decode_s = time.perf_counter() - t1
+    if not stopped:  # eos or length: emit what the decoders still hold
+        tail, hit = matcher.feed(detok.flush())
+        if not hit:
+            tail += matcher.flush()
+        if tail:
+            res.text += tail
+            yield tail
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
+    res = GenerationResult()
+    for _ in stream_generate(model, tokenizer, prompt_ids, params, res):
+        pass
+    return res
