@@ -39,3 +39,33 @@ def wikitext_path():
     if not os.path.isfile(p):
         pytest.skip(f"shared data not found at {p}")
     return p
+
+
+def make_tiny(tokenizer, *, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=96, vocab=None, seed=0,
+              tie=True):
+    """A tiny random Llama (real tokenizer, random weights) for fast unit tests."""
+    from bitdial.loading import LoadedModel, ModelConfig
+
+    g = torch.Generator().manual_seed(seed)
+    V = vocab or tokenizer.vocab_size
+    cfg = ModelConfig(arch="llama", vocab_size=V, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                      n_kv_heads=n_kv_heads, hidden_dim=hidden, max_seq_len=512, tie_embeddings=tie)
+    hd = dim // n_heads
+    t = {"embed_tokens.weight": torch.randn(V, dim, generator=g) * 0.5, "norm.weight": torch.ones(dim)}
+    if not tie:
+        t["lm_head.weight"] = torch.randn(V, dim, generator=g) * 0.1
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
+        t[f"{p}.post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
+        for n, shape in (("self_attn.q_proj", (n_heads * hd, dim)), ("self_attn.k_proj", (n_kv_heads * hd, dim)),
+                         ("self_attn.v_proj", (n_kv_heads * hd, dim)), ("self_attn.o_proj", (dim, n_heads * hd)),
+                         ("mlp.gate_proj", (hidden, dim)), ("mlp.up_proj", (hidden, dim)),
+                         ("mlp.down_proj", (dim, hidden))):
+            t[f"{p}.{n}.weight"] = torch.randn(*shape, generator=g) / shape[1] ** 0.5
+    return LoadedModel(config=cfg, tensors=t, tokenizer=tokenizer, source="tiny-random", kind="test")
+
+
+@pytest.fixture(scope="session")
+def tiny(smol):
+    return make_tiny(smol.tokenizer, vocab=512)

@@ -46,7 +46,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progr
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}")
+    from rich.text import Text
+
+    err.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)  # no markup in messages
     raise typer.Exit(2)
 
 
@@ -359,6 +361,105 @@ def chat(
         else:
             sys.stdout.write("\n")
             err.print(f"[dim]{res.completion_tokens} tokens, {res.decode_tps:.1f} tok/s[/]")
+
+
+# ------------------------------------------------------------------------------------------- eval
+CTX_HELP = "Tokens per window."
+STRIDE_HELP = "Start a window every STRIDE tokens (default: --ctx, i.e. non-overlapping)."
+MAXW_HELP = "Evaluate only the first N windows."
+SECOND_HALF_HELP = "llama-perplexity's convention: non-overlapping chunks, only the second half of each scored."
+
+
+def _read_text_ids(tok, text: Path) -> list[int]:
+    if not text.is_file():
+        raise BitdialError(f"text file not found: {text}")
+    return tok.encode(text.read_text(encoding="utf-8", errors="replace"), bos=False)
+
+
+def _identity(spec: str, bits, bits_map) -> str:
+    from bitdial.loading import resolve_model_path
+
+    p = resolve_model_path(spec).resolve()
+    st = p.stat()
+    return f"{p}|{st.st_size}|{st.st_mtime_ns}|bits={bits}|map={bits_map}"
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to score (tokenized once, no special tokens)."),
+    ctx: int = typer.Option(512, "--ctx", help=CTX_HELP),
+    stride: Optional[int] = typer.Option(None, "--stride", help=STRIDE_HELP),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help=MAXW_HELP),
+    score_second_half: bool = typer.Option(False, "--score-second-half", help=SECOND_HALF_HELP),
+    bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
+    bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
+    seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Perplexity of a model on a text file."""
+    from bitdial.eval import model_logits_fn, perplexity, render_perplexity, to_jsonable
+
+    _seed(seed)
+    try:
+        eng = _load_engine(model, threads, bits, bits_map)
+        ids = _read_text_ids(eng.tokenizer, text)
+        res = perplexity(model_logits_fn(eng.model), ids, ctx=ctx, stride=stride, max_windows=max_windows,
+                         score_second_half=score_second_half, progress=not json_out)
+    except (BitdialError, ValueError) as e:
+        _fail(e)
+    if json_out:
+        _emit_json(dict(to_jsonable(res), model=eng.source, text=str(text), bits=bits,
+                        bits_map=str(bits_map) if bits_map else None))
+    else:
+        render_perplexity(out, {Path(eng.source).name: res}, title=f"Perplexity on {text.name}")
+
+
+@eval_app.command("kld")
+def eval_kld(
+    model: str = typer.Argument(..., help="Candidate model: " + MODEL_HELP),
+    ref: str = typer.Option("default", "--ref", help="Reference model (its distributions are cached on disk)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file (tokenized once, no special tokens)."),
+    ctx: int = typer.Option(512, "--ctx", help=CTX_HELP),
+    stride: Optional[int] = typer.Option(None, "--stride", help=STRIDE_HELP),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help=MAXW_HELP),
+    score_second_half: bool = typer.Option(False, "--score-second-half", help=SECOND_HALF_HELP),
+    top_k: int = typer.Option(64, "--top-k", help="Reference tokens kept per position in the cache."),
+    tail_samples: int = typer.Option(32, "--tail-samples", help="Draws from the reference's tail per position, for the unbiased full-KL estimate (0 = off)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Reference cache directory (default ~/.cache/bitdial/kld or $BITDIAL_CACHE/kld)."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
+    bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
+    seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """KL divergence of a candidate against a reference model, top-1 agreement and perplexity ratio."""
+    from bitdial.eval import kl_divergence, load_or_build_reference, model_logits_fn, render_kl, to_jsonable
+
+    _seed(seed)
+    try:
+        from bitdial.runtime.engine import Engine
+
+        ref_eng = Engine.load(ref, threads=threads)
+        ids = _read_text_ids(ref_eng.tokenizer, text)
+        reference = load_or_build_reference(
+            model_logits_fn(ref_eng.model), ids, ctx=ctx, stride=stride, max_windows=max_windows, top_k=top_k,
+            identity=_identity(ref, None, None), score_second_half=score_second_half,
+            tail_samples=tail_samples, cache_dir=cache_dir, progress=not json_out)
+        del ref_eng
+        eng = _load_engine(model, threads, bits, bits_map)
+        if _read_text_ids(eng.tokenizer, text) != ids:
+            raise BitdialError("the candidate's tokenizer splits the text differently from the reference's: "
+                               "KL divergence needs models that share a tokenizer")
+        res = kl_divergence(model_logits_fn(eng.model), ids, reference, progress=not json_out)
+    except (BitdialError, ValueError) as e:
+        _fail(e)
+    if json_out:
+        _emit_json(dict(to_jsonable(res), model=eng.source, ref=ref, text=str(text), bits=bits,
+                        bits_map=str(bits_map) if bits_map else None))
+    else:
+        render_kl(out, {Path(eng.source).name: res}, title=f"KL divergence vs {Path(ref).name} on {text.name}")
 
 
 def main() -> None:  # pragma: no cover

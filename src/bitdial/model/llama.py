@@ -195,12 +195,14 @@ class Transformer(nn.Module):
         max_seq = max(max_seq, self.max_seq)
         max_batch = max(max_batch, self.max_batch)
         cfg = self.config
-        for layer in self.layers:
-            layer.self_attn.cache = KVCache(max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
-        t = torch.arange(max_seq, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)  # [S_max, Hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [S_max, Hd]
-        self.cos, self.sin = emb.cos(), emb.sin()
+        # plain tensors even when called under inference_mode, so later no_grad calls can update them
+        with torch.inference_mode(False):
+            for layer in self.layers:
+                layer.self_attn.cache = KVCache(max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim)
+            t = torch.arange(max_seq, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.clone())  # [S_max, Hd/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [S_max, Hd]
+            self.cos, self.sin = emb.cos(), emb.sin()
         self.max_seq, self.max_batch = max_seq, max_batch
 
     def forward(self, ids: torch.Tensor, pos: int = 0, *, last_only: bool = False) -> torch.Tensor:

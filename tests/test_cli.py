@@ -1,0 +1,107 @@
+"""The CLI end to end: every command, in-process, on the real default model and a tiny artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bitdial.cli.main import app
+from bitdial.loading.hf_loader import save_hf_dir
+
+from conftest import make_tiny
+
+runner = CliRunner()
+
+
+def run(*args, ok=True, input=None):
+    r = runner.invoke(app, [str(a) for a in args], input=input)
+    if ok:
+        assert r.exit_code == 0, (r.output, r.exception)
+    return r
+
+
+def last_json(r):
+    out = r.stdout
+    return json.loads(out[out.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smol):
+    return save_hf_dir(make_tiny(smol.tokenizer, seed=3), tmp_path_factory.mktemp("tinyhf"))
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("tinyart") / "tiny.bitdial"
+    r = run("quantize", tiny_dir, "-o", out, "--max-bits", "6", "--group-size", "32",
+            "--override", "*.mlp.down_proj=8", "--json")
+    d = last_json(r)
+    assert d["file_bytes"] == out.stat().st_size and d["modules"] == 1 + 2 * 7
+    return out
+
+
+def test_info_default_json():
+    d = last_json(run("info", "default", "--json"))
+    assert d["config"]["n_layers"] == 30 and d["kind"] == "gguf" and d["chat_template"]
+    assert 130e6 < d["parameters"] < 140e6
+    assert "architecture" in run("info", "default").stdout
+
+
+def test_generate_default_streams_coherent_text():
+    d = last_json(run("generate", "default", "-p", "What is the capital of France?", "-n", "16", "--json",
+                      "--threads", "2", "--seed", "1"))
+    assert "Paris" in d["text"]
+    assert d["prompt_tokens"] > 5 and 0 < d["completion_tokens"] <= 16
+    assert d["decode_tokens_per_s"] > 0 and d["prefill_tokens_per_s"] > 0
+    r = run("generate", "default", "-p", "The capital of France is", "--raw", "-n", "5", "--temperature", "0.8",
+            "--seed", "3", "--top-k", "40")
+    assert len(r.stdout.strip()) > 0
+
+
+def test_chat_reads_turns_from_stdin():
+    r = run("chat", "default", "-n", "12", "--temperature", "0", "--json",
+            input="What is the capital of France?\n/reset\nSay hello.\n/exit\n")
+    replies = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(replies) == 2 and "Paris" in replies[0]["reply"]
+
+
+def test_eval_ppl_and_kld(wikitext_path, tmp_path, tiny_artifact):
+    d = last_json(run("eval", "ppl", "default", "--text", wikitext_path, "--ctx", "64", "--max-windows", "2",
+                      "--json"))
+    assert 5 < d["ppl"] < 100 and d["n_windows"] == 2 and d["ctx"] == 64
+    d2 = last_json(run("eval", "ppl", "default", "--text", wikitext_path, "--ctx", "64", "--max-windows", "2",
+                       "--score-second-half", "--json"))
+    assert d2["n_scored"] < d["n_scored"]
+    k = last_json(run("eval", "kld", "default", "--ref", "default", "--text", wikitext_path, "--ctx", "64",
+                      "--max-windows", "2", "--cache-dir", tmp_path, "--json"))
+    assert k["kl_mean"] < 1e-6 and k["top1_agreement"] == 1.0 and abs(k["ppl_ratio"] - 1) < 1e-6
+    assert any(tmp_path.rglob("*.safetensors"))  # the reference was cached
+
+
+def test_quantize_info_verify_and_run_artifact(tiny_artifact, tmp_path):
+    d = last_json(run("info", tiny_artifact, "--verify", "--json"))
+    assert d["verify"]["ok"] and d["quant"]["max_bits"] == 6 and d["quant"]["group_size"] == 32
+    assert d["bits_per_weight_read"]["3"] < d["bits_per_weight_read"]["6"]
+    g = last_json(run("generate", tiny_artifact, "-p", "Hello", "--raw", "-n", "4", "--bits", "3", "--json"))
+    assert g["completion_tokens"] == 4 and g["bits"] == 3
+    bm = tmp_path / "map.json"
+    bm.write_text(json.dumps({"*.mlp.*": 2, "default": 4}))
+    run("generate", tiny_artifact, "-p", "Hello", "--raw", "-n", "2", "--bits-map", bm)
+    r = run("generate", tiny_artifact, "-p", "Hello", "-n", "2", "--bits", "7", ok=False)
+    assert r.exit_code == 2 and "stores 1..6 bits" in r.output
+
+
+def test_errors_are_clear(tmp_path, tiny_dir):
+    r = run("generate", tmp_path / "missing.gguf", "-p", "x", ok=False)
+    assert r.exit_code == 2 and "model not found" in r.output
+    r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--override", "lm_head", ok=False)
+    assert r.exit_code == 2 and "PATTERN=BITS" in r.output
+    r = run("generate", "default", "-p", "x", "--bits", "4", ok=False)
+    assert r.exit_code == 2 and "need a .bitdial artifact" in r.output
+    (tmp_path / "bad.bitdial").write_bytes(b"\x10\0\0\0\0\0\0\0{}")
+    r = run("info", tmp_path / "bad.bitdial", ok=False)
+    assert r.exit_code == 2 and "bitdial" in r.output
+    r = run("eval", "ppl", "default", "--text", tmp_path / "none.txt", ok=False)
+    assert r.exit_code == 2 and "text file not found" in r.output
