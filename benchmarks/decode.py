@@ -71,7 +71,7 @@ def main() -> None:
     a = ap.parse_args()
 
     src = load_model("default")
-    model = Transformer(src.config, src.tensors).eval()
+    model = Transformer(src.config, src.tensors).eval().fuse()  # as `bitdial generate` runs it
     ids = prompt_ids(src.tokenizer, a.prompt_tokens)
     hf = None
     if not a.no_transformers:

@@ -40,6 +40,32 @@ def dense_factory(name: str, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return DenseLinear(weight, bias)
 
 
+class FusedLinear(nn.Module):
+    """Several dense linears that read the same input, as one matmul (fewer, larger GEMVs).
+
+    The parts' weights become views of the fused weight, so nothing is stored twice."""
+
+    def __init__(self, parts: list[DenseLinear]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.cat([p.weight.data for p in parts]), requires_grad=False)
+        has_bias = [p.bias is not None for p in parts]
+        self.bias = None
+        if any(has_bias):
+            self.bias = nn.Parameter(torch.cat([p.bias.data if p.bias is not None else
+                                                torch.zeros(p.out_features) for p in parts]), requires_grad=False)
+        self.sizes = [p.out_features for p in parts]
+        off = 0
+        for p in parts:
+            n = p.out_features
+            p.weight.data = self.weight.data[off:off + n]
+            if p.bias is not None:
+                p.bias.data = self.bias.data[off:off + n]
+            off += n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
@@ -101,15 +127,20 @@ class Attention(nn.Module):
             return make(f"{prefix}.{n}", w[f"{prefix}.{n}.weight"], w.get(f"{prefix}.{n}.bias"))
 
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (lin(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.qkv = None  # set by fuse(): one [H*Hd + 2*Hk*Hd, D] matmul instead of three
         self.q_norm = RMSNorm(w[f"{prefix}.q_norm.weight"], cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(w[f"{prefix}.k_norm.weight"], cfg.norm_eps) if cfg.qk_norm else None
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
         B, T, _ = x.shape  # [B, T, D]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)  # [B, T, H, Hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)  # [B, T, Hk, Hd]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hk, T, Hd]
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split(self.qkv.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.hd)  # [B, T, H, Hd]
+        k = k.view(B, T, self.n_kv, self.hd)  # [B, T, Hk, Hd]
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hk, T, Hd]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, Hd], [B, Hk, T, Hd]
@@ -136,9 +167,14 @@ class MLP(nn.Module):
             return make(f"{prefix}.{n}", w[f"{prefix}.{n}.weight"], w.get(f"{prefix}.{n}.bias"))
 
         self.gate_proj, self.up_proj, self.down_proj = lin("gate_proj"), lin("up_proj"), lin("down_proj")
+        self.gate_up = None  # set by fuse(): one [2F, D] matmul instead of two
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # inner: [B, T, F]
+        if self.gate_up is not None:
+            g, u = self.gate_up(x).split(self.gate_up.sizes, dim=-1)  # [B, T, F] each
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(g) * u)
 
 
 class Block(nn.Module):
@@ -218,10 +254,22 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # [B, T, V]
 
+    def fuse(self) -> "Transformer":
+        """Fuse q/k/v and gate/up into single matmuls where all parts are dense (faster fp32 decode).
+
+        Hooks on the separate linears stop firing once fused; leave models unfused for calibration."""
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            if all(type(p) is DenseLinear for p in (a.q_proj, a.k_proj, a.v_proj)):
+                a.qkv = FusedLinear([a.q_proj, a.k_proj, a.v_proj])
+            if all(type(p) is DenseLinear for p in (m.gate_proj, m.up_proj)):
+                m.gate_up = FusedLinear([m.gate_proj, m.up_proj])
+        return self
+
     def linears(self) -> dict[str, nn.Module]:
         """Every linear seam by module name (including ``lm_head``)."""
         out = {}
         for name, mod in self.named_modules():
-            if name.endswith("_proj") or name == "lm_head":
+            if name.endswith("_proj") or name == "lm_head":  # (fused qkv/gate_up are views of these)
                 out[name] = mod
         return out

@@ -74,7 +74,7 @@ class Engine:
                 raise BitdialError("--bits/--bits-map need a .bitdial artifact; quantize the model first "
                                    "with `bitdial quantize`")
             src = load_model(path)
-            eng = cls(Transformer(src.config, src.tensors).eval(), src.tokenizer, src.source, src)
+            eng = cls(Transformer(src.config, src.tensors).eval().fuse(), src.tokenizer, src.source, src)
         eng.load_s = time.perf_counter() - t0
         log.info("loaded %s in %.1f s", eng.source, eng.load_s)
         return eng
