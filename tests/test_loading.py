@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
-import shutil
 
 import pytest
 import torch

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
-import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 
 from bitdial.artifact.format import DTYPES, Header, encode_header, read_header
 from bitdial.errors import ArtifactError
+from bitdial.fileio import atomic_open
 from bitdial.loading.config import ModelConfig
 from bitdial.loading.source import LazyTensors, LoadedModel
 from bitdial.loading.tokenizer import Tokenizer
@@ -119,22 +118,13 @@ def update_metadata(path: str | Path, key: str, value: Any) -> None:
         new = encode_header(meta, entries, pad_to=h.header_len)
     except ArtifactError:
         new = None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-            if new is None:
-                new = encode_header(meta, entries)
-            out.write(new)
-            src.seek(h.data_start)
-            while chunk := src.read(1 << 24):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if new is None:  # outgrew the reserved space: a longer header, same data
+        new = encode_header(meta, entries)
+    with atomic_open(path) as out, open(path, "rb") as src:
+        out.write(new)
+        src.seek(h.data_start)
+        while chunk := src.read(1 << 24):
+            out.write(chunk)
 
 
 def _all_entries(path: Path):

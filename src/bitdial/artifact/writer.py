@@ -13,9 +13,7 @@ import fnmatch
 import hashlib
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,6 +24,7 @@ import torch
 
 from bitdial.artifact.format import ALIGN, FORMAT, FORMAT_VERSION, TORCH_TO_ST, TensorEntry, encode_header
 from bitdial.errors import BitdialError
+from bitdial.fileio import atomic_open
 from bitdial.loading.source import LoadedModel
 from bitdial.quant.bitplanes import row_bytes
 
@@ -126,7 +125,6 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
     modules: dict[str, Any] = {}
     plan: list[tuple[str, str, tuple]] = []  # (tensor name, dtype, shape) in file order
     float_tensors: list[str] = []
-    bias_of: dict[str, str] = {}
     for mod in mods:
         wname = f"{mod}.weight"
         N, K = _shape(model, wname)
@@ -138,8 +136,6 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
                         "group_size": settings.group_size if method == "uniform" else None,
                         "min_bits": 1 if method == "uniform" else 2,
                         "layout": "planes-v1", "tensors": [s[0] for s in specs]}
-        if f"{mod}.bias" in model.tensors:
-            bias_of[mod] = f"{mod}.bias"
     if cfg.tie_embeddings or "lm_head.weight" not in model.tensors:
         modules["embed_tokens"]["tied_lm_head"] = True
     for name in model.tensors:
@@ -182,60 +178,51 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
     data_start = len(header)
 
     # ---- stream ---------------------------------------------------------------------------------
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
     t0 = time.perf_counter()
     checks: dict[str, str] = {}
     stats = {"weights": 0, "bytes_quantized": 0}
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            by_name = {e.name: e for e in entries}
-            written = 0
+    with atomic_open(out) as f:
+        f.write(header)
+        by_name = {e.name: e for e in entries}
+        written = 0
 
-            def put(name: str, t: torch.Tensor) -> None:
-                nonlocal written
-                e = by_name[name]
-                if e.start != written:  # alignment padding before this tensor
-                    f.write(b"\0" * (e.start - written))
-                    written = e.start
-                want = (e.dtype, tuple(e.shape))
-                got = (TORCH_TO_ST[str(t.dtype)], tuple(t.shape))
-                if want != got:
-                    raise BitdialError(f"internal: tensor {name} is {got}, planned {want}")
-                b = t.contiguous().numpy().tobytes()
-                checks[name] = hashlib.sha256(b).hexdigest()
-                f.write(b)
-                written += len(b)
+        def put(name: str, t: torch.Tensor) -> None:
+            nonlocal written
+            e = by_name[name]
+            if e.start != written:  # alignment padding before this tensor
+                f.write(b"\0" * (e.start - written))
+                written = e.start
+            want = (e.dtype, tuple(e.shape))
+            got = (TORCH_TO_ST[str(t.dtype)], tuple(t.shape))
+            if want != got:
+                raise BitdialError(f"internal: tensor {name} is {got}, planned {want}")
+            b = t.contiguous().numpy().tobytes()
+            checks[name] = hashlib.sha256(b).hexdigest()
+            f.write(b)
+            written += len(b)
 
-            with _progress(progress, len(mods) + 1) as bar:
-                for mod in mods:
-                    bar.update(f"quantizing {mod}")
-                    m = modules[mod]
-                    W = model.tensors[f"{mod}.weight"]
-                    imp = importance.get(mod) if importance else None
-                    qt = quantize_tensor(W, m["method"], m["max_bits"], settings.group_size, settings.clip, imp)
-                    for name, t in qt.to_tensors(mod).items():
-                        put(name, t)
-                    stats["weights"] += W.numel()
-                    stats["bytes_quantized"] += qt.nbytes
-                    del W, qt
-                    bar.advance()
-                bar.update("writing float tensors")
-                for name in float_tensors:
-                    put(name, model.tensors[name].to(torch.float32))
+        with _progress(progress, len(mods) + 1) as bar:
+            for mod in mods:
+                bar.update(f"quantizing {mod}")
+                m = modules[mod]
+                W = model.tensors[f"{mod}.weight"]
+                imp = importance.get(mod) if importance else None
+                qt = quantize_tensor(W, m["method"], m["max_bits"], settings.group_size, settings.clip, imp)
+                for name, t in qt.to_tensors(mod).items():
+                    put(name, t)
+                stats["weights"] += W.numel()
+                stats["bytes_quantized"] += qt.nbytes
+                del W, qt
                 bar.advance()
-            if written != pos:
-                raise BitdialError(f"internal: wrote {written} data bytes, planned {pos}")
-            meta["checksums"] = checks
-            f.seek(0)
-            f.write(encode_header(meta, entries, pad_to=reserve))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            bar.update("writing float tensors")
+            for name in float_tensors:
+                put(name, model.tensors[name].to(torch.float32))
+            bar.advance()
+        if written != pos:
+            raise BitdialError(f"internal: wrote {written} data bytes, planned {pos}")
+        meta["checksums"] = checks
+        f.seek(0)
+        f.write(encode_header(meta, entries, pad_to=reserve))
     size = out.stat().st_size
     n_weights = stats["weights"]
     return {

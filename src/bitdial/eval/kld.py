@@ -64,7 +64,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bitdial.fileio import atomic_path
 from bitdial.errors import BitdialError
 from bitdial.eval.perplexity import (SECOND_HALF, SLIDING, LogitsFn, Window, _int_arg, as_token_ids, iter_progress,
                                      plan_windows, token_nll, window_rows)
@@ -334,19 +334,8 @@ class ReferenceCache:
         if self.tail_samples:
             tensors["tail_ids"] = self.tail_ids.to(torch.int32).contiguous()
             tensors["tail_logp"] = self.tail_logp.float().contiguous()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(self.meta, sort_keys=True)})
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_path(path, suffix=".tmp") as tmp:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(self.meta, sort_keys=True)})
         log.info("saved KL reference (%d tokens, top-%d) to %s", self.n_scored, self.top_k, path)
         return path
 

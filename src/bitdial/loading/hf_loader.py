@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bitdial.errors import ModelFormatError, ModelNotFoundError
+from bitdial.fileio import atomic_path
 from bitdial.loading.config import ModelConfig
 from bitdial.loading.source import LazyTensors, LoadedModel
 from bitdial.loading.tokenizer import Tokenizer, tokenizer_from_hf_files
@@ -235,12 +234,5 @@ def save_hf_dir(model: LoadedModel, out: str | Path, *, shard_bytes: int | None 
 
 
 def _atomic_save(save_file, tensors, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
