@@ -80,7 +80,9 @@ def test_model_runs_at_every_width_and_map(tiny_art, tiny):
         x = torch.randn(3, 64)
         layer = lin["layers.1.self_attn.q_proj"]
         assert isinstance(layer, AnyPrecisionLinear)
-        assert torch.equal(layer(x, bits=2), x @ layer.qt.dequantize(2).T)
+        ref = x @ layer.qt.dequantize(2).T
+        # the native kernel (if built) quantizes activations to int8: equal up to that rounding
+        assert (layer(x, bits=2) - ref).norm() < 1e-2 * ref.norm()
     with pytest.raises(BitdialError, match="stores 1..8 bits"):
         build_model(art, 9)
 

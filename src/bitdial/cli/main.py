@@ -462,5 +462,10 @@ def eval_kld(
         render_kl(out, {Path(eng.source).name: res}, title=f"KL divergence vs {Path(ref).name} on {text.name}")
 
 
+from bitdial.cli.plan_cmds import register as _register_plan_commands  # noqa: E402
+
+_register_plan_commands(app)
+
+
 def main() -> None:  # pragma: no cover
     app()

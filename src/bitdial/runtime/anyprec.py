@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitdial import kernels as _kernels
 from bitdial.artifact.reader import Artifact, open_artifact
 from bitdial.artifact.writer import resolve_map
 from bitdial.errors import BitdialError
@@ -70,6 +71,14 @@ class AnyPrecisionLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
         k = self._bits if bits is None else self.check_bits(bits)
+        if (_kernels.enabled and self.qt.method == "uniform" and x.dtype == torch.float32 and not x.requires_grad
+                and 0 < x.numel() <= _kernels.MAX_ROWS * self.in_features and _kernels.available()
+                and _kernels.supports(self.qt)):
+            # decode / small batch: native GEMV straight from the bit planes (bitdial.kernels)
+            y = _kernels.gemv(self.qt, x.reshape(-1, self.in_features).contiguous(), k)
+            if self.bias is not None:
+                y += self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight_at(k), self.bias)
 
     def bytes_at(self, k: int) -> int:

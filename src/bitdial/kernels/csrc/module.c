@@ -1,0 +1,385 @@
+/* bitdial.kernels._native: the CPython module, the ISA dispatcher and the GEMV driver.
+ *
+ * Arguments are plain integers (tensor.data_ptr(), sizes) so that no torch header is needed; the
+ * Python wrapper (bitdial/kernels/__init__.py) validates dtypes, shapes and contiguity. Calls release
+ * the GIL and are serialized by a mutex (the activation scratch and the thread pool are shared).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "bitdial_kernels.h"
+#include "pool.h"
+
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
+/* ---- ISA table: preference order ------------------------------------------------------------- */
+
+typedef struct {
+    const char *name;    /* family, the BITDIAL_ISA value: avx512, avx2, neon, ref */
+    const char *variant; /* kernel design within the family */
+    const bd_isa *ops;
+    int (*supported)(void);
+} isa_entry;
+
+static int always(void) { return 1; }
+
+#if defined(__x86_64__) || defined(_M_X64)
+static int has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+static int has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+static int has_avx512_gfni(void) {
+    return has_avx512() && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni");
+}
+static int has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
+}
+#endif
+#if defined(__aarch64__)
+#ifdef BITDIAL_HAVE_NEON_DOT
+static int has_dotprod(void) {
+#if defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+    return 1; /* every Apple arm64 CPU has the dot product extension */
+#else
+    return 0;
+#endif
+}
+#endif
+#endif
+
+/* Preference order: the first supported entry of a family is what that family name selects. */
+static const isa_entry ISAS[] = {
+#if defined(__x86_64__) || defined(_M_X64)
+    {"avx512", "avx512-gfni", &bd_isa_avx512_gfni, has_avx512_gfni}, /* + VBMI, GFNI: bit-matrix transpose */
+    {"avx512", "avx512-mask", &bd_isa_avx512, has_avx512},           /* F, BW, VL, VNNI: mask registers */
+    {"avx2", "avx2", &bd_isa_avx2, has_avx2},
+#endif
+#if defined(__aarch64__)
+#ifdef BITDIAL_HAVE_NEON_DOT
+    {"neon", "neon-dot", &bd_isa_neon_dot, has_dotprod},
+#endif
+    {"neon", "neon", &bd_isa_neon, always},
+#endif
+    {"ref", "ref", &bd_isa_ref, always},
+};
+#define NISA ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
+
+static int ISA_OK[NISA];
+static int DEFAULT_ISA = -1;
+
+static pthread_mutex_t CALL_LOCK = PTHREAD_MUTEX_INITIALIZER;
+
+/* ---- activation scratch (grows, never shrinks; only touched under CALL_LOCK) ------------------- */
+
+static void *SCRATCH = NULL;
+static size_t SCRATCH_CAP = 0;
+
+static size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
+
+static int reserve_scratch(size_t need) {
+    if (need <= SCRATCH_CAP) return 0;
+    void *p = NULL;
+    need = round_up(need + need / 4, 4096);
+    if (posix_memalign(&p, 64, need) != 0) return -1;
+    free(SCRATCH);
+    SCRATCH = p;
+    SCRATCH_CAP = need;
+    return 0;
+}
+
+/* Lay out the scratch for a call (64-byte aligned pieces); returns the bytes needed if SCRATCH is NULL. */
+static size_t layout_scratch(bd_gemv *a, char *base) {
+    size_t off = 0;
+    a->xq = (int8_t *)(base + off);
+    off += round_up((size_t)a->M * a->Kp, 64);
+    a->dx = (float *)(base + off);
+    off += round_up((size_t)a->M * a->nu_pad * 4, 64);
+    a->qs = (float *)(base + off);
+    off += round_up((size_t)a->M * a->nu_pad * 4, 64);
+    a->xs = (float *)(base + off);
+    off += round_up((size_t)a->M * a->ng_pad * 4, 64);
+    a->dxv = (float *)(base + off);
+    off += (size_t)a->M * (a->Kp / 64) * 64;
+    a->dxt = (float *)(base + off);
+    off += round_up((size_t)a->nu_pad * a->Mp * 4, 64) + 64;
+    return off;
+}
+
+/* ---- driver --------------------------------------------------------------------------------- */
+
+typedef struct {
+    const bd_gemv *a;
+    const bd_isa *isa;
+    int64_t step;            /* rows per grab (a multiple of 4, the decode row tile) */
+    _Atomic int64_t next;    /* first row not yet taken */
+} gemv_job;
+
+/* Rows are handed out in slices of `step` from a shared counter rather than split in fixed shares:
+ * on a CPU shared with other processes, a thread that gets descheduled only delays its current
+ * slice, the others take the rest. */
+static void gemv_task(void *ctx, int tid, int nth) {
+    (void)tid; (void)nth;
+    gemv_job *j = ctx;
+    const int64_t N = j->a->N;
+    for (;;) {
+        const int64_t n0 = atomic_fetch_add_explicit(&j->next, j->step, memory_order_relaxed);
+        if (n0 >= N) break;
+        j->isa->rows(j->a, n0, n0 + j->step < N ? n0 + j->step : N);
+    }
+}
+
+/* Work below this many plane bytes runs on the calling thread only (a wake-up costs more). */
+#define PARALLEL_MIN_BYTES (48 * 1024)
+
+static int log2_exact(int64_t v) {
+    int l = 0;
+    while (((int64_t)1 << l) < v) l++;
+    return ((int64_t)1 << l) == v ? l : -1;
+}
+
+static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "gemv(planes, scales, offsets, x, y, N, K, G, B, k, M, isa) takes 12 ints");
+        return NULL;
+    }
+    long long v[12];
+    for (int i = 0; i < 12; i++) {
+        v[i] = PyLong_AsLongLong(args[i]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    bd_gemv a;
+    memset(&a, 0, sizeof a);
+    a.planes = (const uint8_t *)(uintptr_t)v[0];
+    a.scales = (const uint16_t *)(uintptr_t)v[1];
+    a.offsets = (const uint16_t *)(uintptr_t)v[2];
+    a.x = (const float *)(uintptr_t)v[3];
+    a.y = (float *)(uintptr_t)v[4];
+    a.N = v[5];
+    a.K = v[6];
+    a.G = (int)v[7];
+    a.B = (int)v[8];
+    a.k = (int)v[9];
+    a.M = (int)v[10];
+    int isa = (int)v[11];
+    if (!a.planes || !a.scales || !a.offsets || !a.x || !a.y) {
+        PyErr_SetString(PyExc_ValueError, "gemv: null data pointer");
+        return NULL;
+    }
+    if (a.N < 1 || a.K < 1 || a.M < 1 || a.B < 1 || a.B > 8 || a.k < 1 || a.k > a.B) {
+        PyErr_Format(PyExc_ValueError, "gemv: bad sizes N=%lld K=%lld M=%lld B=%lld k=%lld", v[5], v[6], v[10], v[8], v[9]);
+        return NULL;
+    }
+    a.log2G = log2_exact(v[7]);
+    if (v[7] < 32 || a.log2G < 0) {
+        PyErr_Format(PyExc_ValueError, "gemv: group size %lld is not a power of two >= 32", v[7]);
+        return NULL;
+    }
+    if (isa < 0) isa = DEFAULT_ISA;
+    if (isa >= NISA || !ISA_OK[isa]) {
+        PyErr_Format(PyExc_ValueError, "gemv: ISA #%d is not available on this CPU", isa);
+        return NULL;
+    }
+    a.RB = (a.K + 7) / 8;
+    a.ng = (a.K + a.G - 1) / a.G;
+    a.pstride = a.N * a.RB;
+    a.L = (float)(1 << (a.B - a.k));
+    a.h = (a.L - 1.0f) * 0.5f;
+    a.cmid = (float)(1 << (a.k - 1));
+    a.hmid = a.h + a.L * a.cmid;
+    a.QB = a.G % 64 == 0 ? 64 : 32;
+    a.Kp = (int64_t)round_up((size_t)a.K, 64);
+    a.nu = a.Kp / a.QB;
+    a.nu_pad = (int64_t)round_up((size_t)a.nu, 16) + 16;
+    a.ng_pad = (int64_t)round_up((size_t)a.ng, 16) + 16;
+    a.Mp = (int64_t)round_up((size_t)a.M, 16);
+
+    const bd_isa *ops = ISAS[isa].ops;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&CALL_LOCK);
+    if (reserve_scratch(layout_scratch(&a, NULL) + 64) != 0) {
+        err = 1;
+    } else {
+        layout_scratch(&a, (char *)SCRATCH);
+        ops->prepare(&a);
+        gemv_job job;
+        job.a = &a;
+        job.isa = ops;
+        atomic_init(&job.next, 0);
+        if ((int64_t)a.k * a.N * a.RB * (a.M > 1 ? 2 : 1) < PARALLEL_MIN_BYTES || a.N < 8) {
+            ops->rows(&a, 0, a.N);
+        } else {
+            /* ~8 slices per thread, at least 16 rows (and 32 KiB of planes) each */
+            const int nth = bd_pool_threads();
+            int64_t step = a.N / ((int64_t)nth * 8);
+            const int64_t min_rows = 32768 / ((int64_t)a.k * a.RB) + 1;
+            if (step < min_rows) step = min_rows;
+            if (step < 16) step = 16;
+            job.step = (step + 3) & ~(int64_t)3;
+            bd_pool_run(gemv_task, &job);
+        }
+    }
+    pthread_mutex_unlock(&CALL_LOCK);
+    Py_END_ALLOW_THREADS
+    if (err) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* ---- bandwidth probe -------------------------------------------------------------------------- */
+
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+    const bd_isa *isa;
+    uint64_t part[BD_POOL_MAX];
+} sum_job;
+
+static void sum_task(void *ctx, int tid, int nth) {
+    sum_job *j = ctx;
+    size_t per = j->n / (size_t)nth / 256 * 256;
+    size_t a = per * (size_t)tid, b = tid == nth - 1 ? j->n : a + per;
+    j->part[tid] = j->isa->sum_bytes(j->p + a, b - a);
+}
+
+static PyObject *py_sum_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "sum_bytes(ptr, nbytes, isa) takes 3 ints");
+        return NULL;
+    }
+    uintptr_t p = (uintptr_t)PyLong_AsUnsignedLongLong(args[0]);
+    long long n = PyLong_AsLongLong(args[1]);
+    int isa = (int)PyLong_AsLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    if (isa < 0) isa = DEFAULT_ISA;
+    if (isa >= NISA || !ISA_OK[isa] || !p || (p & 63) || n < 0 || (n & 255)) {
+        PyErr_SetString(PyExc_ValueError, "sum_bytes: needs a 64-byte aligned pointer, a multiple of 256 bytes and an available ISA");
+        return NULL;
+    }
+    sum_job job;
+    memset(&job, 0, sizeof job);
+    job.p = (const uint8_t *)p;
+    job.n = (size_t)n;
+    job.isa = ISAS[isa].ops;
+    int nth;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&CALL_LOCK);
+    nth = bd_pool_run(sum_task, &job);
+    pthread_mutex_unlock(&CALL_LOCK);
+    Py_END_ALLOW_THREADS
+    uint64_t s = 0;
+    for (int i = 0; i < nth; i++) s += job.part[i];
+    return PyLong_FromUnsignedLongLong(s);
+}
+
+/* ---- configuration ---------------------------------------------------------------------------- */
+
+static PyObject *py_isas(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    /* ((family, variant, supported), ...) in preference order */
+    PyObject *t = PyTuple_New(NISA);
+    if (!t) return NULL;
+    for (int i = 0; i < NISA; i++)
+        PyTuple_SET_ITEM(t, i, Py_BuildValue("(ssO)", ISAS[i].name, ISAS[i].variant, ISA_OK[i] ? Py_True : Py_False));
+    return t;
+}
+
+/* Index of the first supported entry whose family or variant is `name`. */
+static PyObject *py_isa_id(PyObject *self, PyObject *arg) {
+    (void)self;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    int known = 0;
+    for (int i = 0; i < NISA; i++) {
+        if (strcmp(ISAS[i].name, name) != 0 && strcmp(ISAS[i].variant, name) != 0) continue;
+        known = 1;
+        if (ISA_OK[i]) return PyLong_FromLong(i);
+    }
+    PyErr_Format(PyExc_ValueError, known ? "ISA %R is not supported by this CPU" : "ISA %R was not compiled into this build", arg);
+    return NULL;
+}
+
+static PyObject *py_default_isa(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return Py_BuildValue("(iss)", DEFAULT_ISA, ISAS[DEFAULT_ISA].name, ISAS[DEFAULT_ISA].variant);
+}
+
+static PyObject *py_set_default_isa(PyObject *self, PyObject *arg) {
+    PyObject *id = py_isa_id(self, arg);
+    if (!id) return NULL;
+    DEFAULT_ISA = (int)PyLong_AsLong(id);
+    Py_DECREF(id);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    int got;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&CALL_LOCK);
+    got = bd_pool_set_threads((int)n);
+    pthread_mutex_unlock(&CALL_LOCK);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(got);
+}
+
+static PyObject *py_threads(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyLong_FromLong(bd_pool_threads());
+}
+
+static PyObject *py_set_spin_us(PyObject *self, PyObject *arg) {
+    (void)self;
+    long us = PyLong_AsLong(arg);
+    if (us == -1 && PyErr_Occurred()) return NULL;
+    bd_pool_set_spin_us(us);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef METHODS[] = {
+    {"gemv", (PyCFunction)(void (*)(void))py_gemv, METH_FASTCALL,
+     "gemv(planes, scales, offsets, x, y, N, K, G, B, k, M, isa): y[M,N] = x[M,K] @ W_k^T (pointers as ints; isa -1 = default)"},
+    {"sum_bytes", (PyCFunction)(void (*)(void))py_sum_bytes, METH_FASTCALL,
+     "sum_bytes(ptr, nbytes, isa): reduce a buffer on the thread pool (read-bandwidth probe); returns a checksum"},
+    {"isas", py_isas, METH_NOARGS, "((family, variant, supported), ...) in preference order"},
+    {"isa_id", py_isa_id, METH_O, "isa_id(family or variant) -> index of the best supported entry (ValueError if none)"},
+    {"default_isa", py_default_isa, METH_NOARGS, "(index, family, variant) of the ISA used when isa = -1"},
+    {"set_default_isa", py_set_default_isa, METH_O, "set_default_isa(name)"},
+    {"set_threads", py_set_threads, METH_O, "set_threads(n) -> threads running (caller included)"},
+    {"threads", py_threads, METH_NOARGS, "threads used per call (caller included)"},
+    {"set_spin_us", py_set_spin_us, METH_O, "microseconds idle helpers spin before sleeping"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_native", "bitdial native GEMV kernels", -1, METHODS,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    for (int i = 0; i < NISA; i++) {
+        ISA_OK[i] = ISAS[i].supported();
+        if (ISA_OK[i] && DEFAULT_ISA < 0) DEFAULT_ISA = i;
+    }
+    return PyModule_Create(&MODULE);
+}
