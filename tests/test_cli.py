@@ -105,3 +105,10 @@ def test_errors_are_clear(tmp_path, tiny_dir):
     assert r.exit_code == 2 and "bitdial" in r.output
     r = run("eval", "ppl", "default", "--text", tmp_path / "none.txt", ok=False)
     assert r.exit_code == 2 and "text file not found" in r.output
+
+
+def test_unknown_plan_is_a_clear_error(tiny_artifact):
+    r = run("generate", tiny_artifact, "-p", "Hello", "-n", "2", "--plan", "nope", ok=False)
+    assert r.exit_code == 2 and "no plan named 'nope'" in r.output
+    r = run("generate", tiny_artifact, "-p", "Hello", "-n", "2", "--plan", "x", "--bits", "3", ok=False)
+    assert r.exit_code == 2 and "one of --bits, --bits-map or --plan" in r.output

@@ -68,12 +68,20 @@ BITS_HELP = "Run every linear of a .bitdial artifact at this many bits (default:
 BITS_MAP_HELP = "JSON file {module pattern: bits} for a .bitdial artifact, e.g. {\"*.mlp.*\": 3, \"default\": 4}."
 
 
-def _load_engine(model: str, threads: Optional[int], bits: Optional[int] = None, bits_map: Optional[Path] = None):
+PLAN_HELP = "Run a .bitdial artifact with a plan stored in it by `bitdial plan --name NAME`."
+
+
+def _load_engine(model: str, threads: Optional[int], bits: Optional[int] = None, bits_map: Optional[Path] = None,
+                 plan: Optional[str] = None):
     from bitdial.runtime.engine import Engine, read_bits_map
 
-    if bits is not None and bits_map is not None:
-        raise BitdialError("give --bits or --bits-map, not both")
+    if sum(x is not None for x in (bits, bits_map, plan)) > 1:
+        raise BitdialError("give one of --bits, --bits-map or --plan")
     b = read_bits_map(bits_map) if bits_map is not None else bits
+    if plan is not None:
+        from bitdial.planning.planner import plan_bits
+
+        b = plan_bits(model, plan)
     return Engine.load(model, threads=threads, bits=b)
 
 
@@ -193,6 +201,7 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template; continue the prompt as is."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
+    plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
     system: Optional[str] = typer.Option(None, "--system", help="System message (chat template only)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
@@ -202,7 +211,7 @@ def generate(
     from bitdial.runtime.generate import GenerationResult, SamplingParams, stream_generate
 
     try:
-        eng = _load_engine(model, threads, bits, bits_map)
+        eng = _load_engine(model, threads, bits, bits_map, plan)
         tok = eng.tokenizer
         if raw or not tok.chat_template:
             ids = tok.encode(prompt)
@@ -304,6 +313,7 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
+    plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print each reply as one JSON line."),
@@ -312,7 +322,7 @@ def chat(
     from bitdial.runtime.generate import GenerationResult, SamplingParams, stream_generate
 
     try:
-        eng = _load_engine(model, threads, bits, bits_map)
+        eng = _load_engine(model, threads, bits, bits_map, plan)
     except BitdialError as e:
         _fail(e)
     tok = eng.tokenizer
@@ -394,6 +404,7 @@ def eval_ppl(
     score_second_half: bool = typer.Option(False, "--score-second-half", help=SECOND_HALF_HELP),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
+    plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -403,7 +414,7 @@ def eval_ppl(
 
     _seed(seed)
     try:
-        eng = _load_engine(model, threads, bits, bits_map)
+        eng = _load_engine(model, threads, bits, bits_map, plan)
         ids = _read_text_ids(eng.tokenizer, text)
         res = perplexity(model_logits_fn(eng.model), ids, ctx=ctx, stride=stride, max_windows=max_windows,
                          score_second_half=score_second_half, progress=not json_out)
@@ -430,6 +441,7 @@ def eval_kld(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Reference cache directory (default ~/.cache/bitdial/kld or $BITDIAL_CACHE/kld)."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
+    plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -448,7 +460,7 @@ def eval_kld(
             identity=_identity(ref, None, None), score_second_half=score_second_half,
             tail_samples=tail_samples, cache_dir=cache_dir, progress=not json_out)
         del ref_eng
-        eng = _load_engine(model, threads, bits, bits_map)
+        eng = _load_engine(model, threads, bits, bits_map, plan)
         if _read_text_ids(eng.tokenizer, text) != ids:
             raise BitdialError("the candidate's tokenizer splits the text differently from the reference's: "
                                "KL divergence needs models that share a tokenizer")
