@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bitdial.errors import BitdialError
+from bitdial.fileio import atomic_open
 
 __all__ = ["ProfileError", "PlanError", "atomic_write_json", "artifact_identity", "module_type", "module_layer",
            "plannable_modules", "fixed_modules", "module_bit_range", "parse_size", "parse_bits_list", "utc_now",
@@ -44,21 +43,9 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     path = Path(path)
     if not path.parent.exists():
         raise BitdialError(f"output directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n"
+    with atomic_open(path) as f:
+        f.write(text.encode("utf-8"))
     return path
 
 
