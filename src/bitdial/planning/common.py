@@ -49,6 +49,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
+def check_schema_version(v: Any, supported: int, what: str, where: str, fix: str) -> None:
+    """Raise ProfileError unless ``v == supported``; a newer version says to upgrade bitdial."""
+    if v != supported:
+        newer = isinstance(v, int) and v > supported
+        raise ProfileError(f"{where}: {what} schema version {v!r} is not supported (this bitdial reads "
+                           f"{supported})" + ("; upgrade bitdial." if newer else f".{fix}"))
+
+
 def artifact_identity(art) -> dict[str, Any]:
     """What a profile records about the artifact it was measured on.
 

@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from bitdial.planning.common import ProfileError, atomic_write_json, utc_now
+from bitdial.planning.common import ProfileError, atomic_write_json, check_schema_version, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +198,7 @@ def validate_device(d: Any, where: str) -> None:
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
         raise ProfileError(f"{where}: not a bitdial device profile (schema "
                            f"{d.get('schema') if isinstance(d, dict) else None!r}, expected {SCHEMA!r}).{fix}")
-    v = d.get("schema_version")
-    if v != SCHEMA_VERSION:
-        newer = isinstance(v, int) and v > SCHEMA_VERSION
-        raise ProfileError(f"{where}: device profile schema version {v!r} is not supported (this bitdial reads "
-                           f"{SCHEMA_VERSION})" + ("; upgrade bitdial." if newer else f".{fix}"))
+    check_schema_version(d.get("schema_version"), SCHEMA_VERSION, "device profile", where, fix)
     try:
         lat = d["latency"]
         if lat["model"] not in ("table", "linear"):

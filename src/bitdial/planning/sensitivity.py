@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from bitdial.errors import BitdialError
-from bitdial.planning.common import (ProfileError, artifact_identity, atomic_write_json, fixed_modules,
+from bitdial.planning.common import (ProfileError, check_schema_version, artifact_identity, atomic_write_json, fixed_modules,
                                      module_bit_range, module_type, plannable_modules, spearman, utc_now)
 
 log = logging.getLogger(__name__)
@@ -458,11 +458,7 @@ def validate_profile(d: Any, where: str = "profile") -> None:
     if d.get("schema") != SCHEMA:
         raise ProfileError(f"{where}: not a bitdial sensitivity profile (schema {d.get('schema')!r}, expected "
                            f"{SCHEMA!r}); a device profile goes to --device.")
-    v = d.get("schema_version")
-    if v != SCHEMA_VERSION:
-        newer = isinstance(v, int) and v > SCHEMA_VERSION
-        raise ProfileError(f"{where}: profile schema version {v!r} is not supported (this bitdial reads "
-                           f"{SCHEMA_VERSION})" + ("; upgrade bitdial." if newer else f".{fix}"))
+    check_schema_version(d.get("schema_version"), SCHEMA_VERSION, "profile", where, fix)
     for key in ("artifact", "proxies", "chosen_proxy", "modules"):
         if key not in d:
             raise ProfileError(f"{where}: key {key!r} is missing: corrupt profile.{fix}")
