@@ -26,6 +26,30 @@ from bitdial.quant.bitplanes import unpack_planes
 from bitdial.quant.qtensor import QuantizedTensor, dequantize_uniform_codes
 
 
+class BitsMeter:
+    """Realized precision: the size-weighted mean bits of the decoder linears over the rows they ran.
+
+    Every :class:`AnyPrecisionLinear` (except ``lm_head``, which no policy touches) adds
+    ``weights x bits x rows`` per call; ``take()`` returns the mean bits per weight since the last take and
+    resets. A decode step runs every linear once on one row, so a take after each step is that step's
+    realized bits.
+    """
+
+    def __init__(self, total_weights: int) -> None:
+        self.total = max(int(total_weights), 1)
+        self.bit_rows = 0.0  # sum of weights * bits * rows
+        self.rows = 0.0  # sum of weights * rows / total
+
+    def add(self, weights: int, bits: float, rows: int) -> None:
+        self.bit_rows += weights * bits * rows
+        self.rows += weights * rows / self.total
+
+    def take(self) -> float:
+        v = self.bit_rows / (self.rows * self.total) if self.rows else float("nan")
+        self.bit_rows = self.rows = 0.0
+        return v
+
+
 class AnyPrecisionLinear(nn.Module):
     def __init__(self, name: str, qt: QuantizedTensor, bias: torch.Tensor | None = None,
                  bits: int | None = None, cache_size: int = 1) -> None:
@@ -39,6 +63,8 @@ class AnyPrecisionLinear(nn.Module):
         self.cache_size = cache_size
         self._cache: dict[int, torch.Tensor] = {}
         self.bits = self.max_bits if bits is None else bits
+        self.meter: BitsMeter | None = None  # set by build_model for the decoder linears
+        self.weights = self.out_features * self.in_features
 
     @property
     def bits(self) -> int:
@@ -71,6 +97,11 @@ class AnyPrecisionLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
         k = self._bits if bits is None else self.check_bits(bits)
+        if self.meter is not None:
+            self.meter.add(self.weights, k, x.numel() // self.in_features)
+        return self.matmul(x, k)
+
+    def matmul(self, x: torch.Tensor, k: int) -> torch.Tensor:  # [..., K] -> [..., N] at k bits
         if (_kernels.enabled and self.qt.method == "uniform" and x.dtype == torch.float32 and not x.requires_grad
                 and 0 < x.numel() <= _kernels.MAX_ROWS * self.in_features and _kernels.available()
                 and _kernels.supports(self.qt)):
@@ -160,6 +191,10 @@ def build_model(art: Artifact | str | Path, bits: int | Mapping[str, int] | None
     emb = QuantEmbedding(art.qtensor("embed_tokens"), bits=int(chosen["embed_tokens"]))
     model = Transformer(cfg, weights, factory, embedding=emb).eval()
     model.artifact = art
+    dec = [m for n, m in model.linears().items() if n != "lm_head" and isinstance(m, AnyPrecisionLinear)]
+    model.bits_meter = BitsMeter(sum(m.weights for m in dec))
+    for m in dec:
+        m.meter = model.bits_meter
     return model
 
 

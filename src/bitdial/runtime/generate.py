@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,6 +48,15 @@ class GenerationResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0  # forward passes of one token
+    step_ms: list[float] = field(default_factory=list)  # wall time of each decode step
+    step_bits: list[float] = field(default_factory=list)  # realized size-weighted bits of each decode step
+    cancelled: bool = False
+
+    @property
+    def realized_bits(self) -> float | None:
+        """Mean size-weighted bits of the linears over the decode steps (None for a float model)."""
+        b = [x for x in self.step_bits if x == x]
+        return sum(b) / len(b) if b else None
 
     @property
     def completion_tokens(self) -> int:
@@ -63,7 +73,7 @@ class GenerationResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(completion_tokens=self.completion_tokens, prefill_tokens_per_s=self.prefill_tps,
-                 decode_tokens_per_s=self.decode_tps)
+                 decode_tokens_per_s=self.decode_tps, realized_bits=self.realized_bits)
         return d
 
 
@@ -122,9 +132,31 @@ class _StopMatcher:
         return out
 
 
+@dataclass
+class StepInfo:
+    """What a decode step reports to ``step_hook``."""
+
+    step: int  # 0-based index of the decode step
+    seconds: float  # wall time of this step (forward pass + sampling)
+    bits: float  # realized size-weighted bits of the linears in this step (nan for a float model)
+    position: int  # tokens in the context after this step
+
+
+def _step_bits(model: Transformer) -> float:
+    meter = getattr(model, "bits_meter", None)
+    return meter.take() if meter is not None else float("nan")
+
+
 def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                    result: GenerationResult | None = None) -> Iterator[str]:
-    """Yield text pieces as they are produced (complete UTF-8 only); fill ``result`` with the totals."""
+                    result: GenerationResult | None = None, *,
+                    step_hook: Callable[[StepInfo], None] | None = None,
+                    cancel: threading.Event | None = None) -> Iterator[str]:
+    """Yield text pieces as they are produced (complete UTF-8 only); fill ``result`` with the totals.
+
+    ``step_hook`` is called after every decode step (a controller may change the model's precision
+    target from it); setting ``cancel`` stops the generation before the next step
+    (``finish_reason = "cancelled"``).
+    """
     params.validate()
     res = result if result is not None else GenerationResult()
     if not prompt_ids:
@@ -150,10 +182,14 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[i
         model.setup_cache(1, total)
         t0 = time.perf_counter()
         logits = model(history[None], 0, last_only=True)[0, -1]  # [V]
+        _step_bits(model)  # prefill is not counted in the decode figures
         res.prefill_s = time.perf_counter() - t0
         pos = len(prompt_ids)
-        t1 = time.perf_counter()
+        t1 = ts = time.perf_counter()
         while True:
+            if cancel is not None and cancel.is_set():
+                res.finish_reason, res.cancelled = "cancelled", True
+                break
             tok = sample_next(logits, params, history, gen)
             if tok in stop_ids:
                 res.finish_reason = "stop"
@@ -172,9 +208,16 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[i
                 break
             logits = model(torch.tensor([[tok]]), pos)[0, -1]
             pos += 1
+            now = time.perf_counter()
+            info = StepInfo(res.decode_steps, now - ts, _step_bits(model), pos)
+            ts = now
+            res.step_ms.append(info.seconds * 1e3)
+            res.step_bits.append(info.bits)
             res.decode_steps += 1
+            if step_hook is not None:
+                step_hook(info)
         res.decode_s = time.perf_counter() - t1
-    if not stopped:  # eos or length: emit what the decoders still hold
+    if not stopped and not res.cancelled:  # eos or length: emit what the decoders still hold
         tail, hit = matcher.feed(detok.flush())
         if not hit:
             tail += matcher.flush()
