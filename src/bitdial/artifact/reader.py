@@ -127,6 +127,74 @@ def update_metadata(path: str | Path, key: str, value: Any) -> None:
             out.write(chunk)
 
 
+def rewrite_tensors(path: str | Path, *, add: dict[str, torch.Tensor] | None = None,
+                    drop: set[str] | None = None, meta: dict[str, Any] | None = None) -> None:
+    """Atomically rewrite an artifact with tensors dropped and added (e.g. a policy's estimator matrices)
+    and metadata keys replaced. Quantized modules and float tensors cannot be dropped; added tensors
+    get checksums like every other. The data of kept tensors is copied unchanged."""
+    from bitdial.artifact.format import ALIGN, TORCH_TO_ST, TensorEntry
+
+    path = Path(path)
+    h = read_header(path)
+    add, drop = dict(add or {}), set(drop or ())
+    new_meta = dict(h.meta)
+    new_meta.update(meta or {})
+    protected = set(h.meta.get("float_tensors", [])) | {t for m in h.meta["modules"].values() for t in m["tensors"]}
+    if drop & protected or set(add) & protected:
+        raise ArtifactError(f"{path}: model tensors cannot be dropped or replaced: {sorted((drop | set(add)) & protected)[:3]}")
+    keep = [e for n, e in sorted(h.tensors.items(), key=lambda kv: kv[1].start) if n not in drop and n not in add]
+    entries, copies, pos, pad_i = [], [], 0, 0
+
+    def place(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
+        nonlocal pos, pad_i
+        if pos % ALIGN:
+            p = ALIGN - pos % ALIGN
+            entries.append(TensorEntry(f"__pad.{pad_i}", "U8", (p,), pos, pos + p))
+            pad_i, pos = pad_i + 1, pos + p
+        entries.append(TensorEntry(name, dtype, shape, pos, pos + nbytes))
+        pos += nbytes
+
+    for e in keep:
+        place(e.name, e.dtype, e.shape, e.nbytes)
+        copies.append(("old", e))
+    blobs: dict[str, bytes] = {}
+    for name, t in add.items():
+        st = TORCH_TO_ST.get(str(t.dtype))
+        if st is None:
+            raise ArtifactError(f"tensor {name}: dtype {t.dtype} cannot be stored")
+        b = t.detach().contiguous().cpu().numpy().tobytes()
+        blobs[name] = b
+        place(name, st, tuple(t.shape), len(b))
+        copies.append(("new", name))
+    sums = {n: v for n, v in h.meta["checksums"].items() if n not in drop and n not in add}
+    sums.update({n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()})
+    new_meta["checksums"] = sums
+    header = encode_header(new_meta, entries)
+    reserve = len(header) - 8 + 4096  # room for later metadata changes in place
+    reserve += (-(8 + reserve)) % ALIGN
+    header = encode_header(new_meta, entries, pad_to=reserve)
+    by_name = {e.name: e for e in entries}
+    with atomic_open(path) as out, open(path, "rb") as src:
+        out.write(header)
+        written = 0
+        for kind, item in copies:
+            name = item.name if kind == "old" else item
+            e = by_name[name]
+            out.write(b"\0" * (e.start - written))
+            if kind == "old":
+                src.seek(h.data_start + item.start)
+                left = item.nbytes
+                while left:
+                    chunk = src.read(min(left, 1 << 24))
+                    if not chunk:
+                        raise ArtifactError(f"{path}: truncated while copying {name}")
+                    out.write(chunk)
+                    left -= len(chunk)
+            else:
+                out.write(blobs[name])
+            written = e.end
+
+
 def _all_entries(path: Path):
     import struct
 

@@ -69,14 +69,21 @@ BITS_MAP_HELP = "JSON file {module pattern: bits} for a .bitdial artifact, e.g. 
 
 
 PLAN_HELP = "Run a .bitdial artifact with a plan stored in it by `bitdial plan --name NAME`."
+DYNAMIC_HELP = ("Dynamic per-token precision: run the policy for this target average bits, stored by "
+                "`bitdial calibrate`.")
+PREFILL_HELP = "With --dynamic: run the prompt at each module's maximum (max) or decide per token (per-token)."
+EVAL_PREFILL_HELP = ("With --dynamic: per-token (default for evaluation: every scored token decides as in decoding) "
+                     "or max.")
 
 
 def _load_engine(model: str, threads: Optional[int], bits: Optional[int] = None, bits_map: Optional[Path] = None,
-                 plan: Optional[str] = None):
+                 plan: Optional[str] = None, dynamic: Optional[float] = None, prefill: str = "max"):
     from bitdial.runtime.engine import Engine, read_bits_map
 
-    if sum(x is not None for x in (bits, bits_map, plan)) > 1:
-        raise BitdialError("give one of --bits, --bits-map or --plan")
+    if sum(x is not None for x in (bits, bits_map, plan, dynamic)) > 1:
+        raise BitdialError("give one of --bits, --bits-map, --plan or --dynamic")
+    if dynamic is not None:
+        return Engine.load(model, threads=threads, dynamic=dynamic, prefill=prefill)
     b = read_bits_map(bits_map) if bits_map is not None else bits
     if plan is not None:
         from bitdial.planning.planner import plan_bits
@@ -171,6 +178,7 @@ def _artifact_info(path: str, json_out: bool, verify: bool) -> None:
         t.add_row("file", f"{art.file_bytes / 2**20:.1f} MiB, {data['bits_per_weight_file']:.3f} bits/weight")
         t.add_row("read per token", "  ".join(f"{k}b:{v:.2f}" for k, v in per_k.items()) + "  (bits/weight)")
         t.add_row("plans", ", ".join(data["plans"]) or "none")
+        t.add_row("dynamic policies", ", ".join(data["policies"]) or "none")
         t.add_row("created", str(m.get("created")))
         out.print(t)
         if verify:
@@ -202,6 +210,8 @@ def generate(
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
     plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
+    dynamic: Optional[float] = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
+    prefill: str = typer.Option("max", "--prefill", help=PREFILL_HELP),
     system: Optional[str] = typer.Option(None, "--system", help="System message (chat template only)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
@@ -211,7 +221,7 @@ def generate(
     from bitdial.runtime.generate import GenerationResult, SamplingParams, stream_generate
 
     try:
-        eng = _load_engine(model, threads, bits, bits_map, plan)
+        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill)
         tok = eng.tokenizer
         if raw or not tok.chat_template:
             ids = tok.encode(prompt)
@@ -230,12 +240,21 @@ def generate(
     if json_out:
         d = res.to_dict()
         d.pop("token_ids")
-        d.update(model=eng.source, threads=_threads(), bits=bits, bits_map=str(bits_map) if bits_map else None)
+        d.pop("step_ms")
+        d.pop("step_bits")
+        d.update(model=eng.source, threads=_threads(), bits=bits, bits_map=str(bits_map) if bits_map else None,
+                 plan=plan, dynamic=dynamic)
         _emit_json(d)
     else:
         sys.stdout.write("\n")
         err.print(f"[dim]{res.prompt_tokens} prompt tokens at {res.prefill_tps:.1f} tok/s, "
-                  f"{res.completion_tokens} generated at {res.decode_tps:.1f} tok/s ({res.finish_reason})[/]")
+                  f"{res.completion_tokens} generated at {res.decode_tps:.1f} tok/s{_bits_note(res)} "
+                  f"({res.finish_reason})[/]")
+
+
+def _bits_note(res) -> str:
+    b = res.realized_bits
+    return f", {b:.2f} bits" if b is not None else ""
 
 
 def _threads() -> int:
@@ -314,6 +333,8 @@ def chat(
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
     plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
+    dynamic: Optional[float] = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
+    prefill: str = typer.Option("max", "--prefill", help=PREFILL_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print each reply as one JSON line."),
@@ -322,7 +343,7 @@ def chat(
     from bitdial.runtime.generate import GenerationResult, SamplingParams, stream_generate
 
     try:
-        eng = _load_engine(model, threads, bits, bits_map, plan)
+        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill)
     except BitdialError as e:
         _fail(e)
     tok = eng.tokenizer
@@ -366,11 +387,12 @@ def chat(
         history.append({"role": "assistant", "content": res.text})
         if json_out:
             sys.stdout.write(json.dumps({"reply": res.text, "completion_tokens": res.completion_tokens,
-                                         "decode_tokens_per_s": res.decode_tps}) + "\n")
+                                         "decode_tokens_per_s": res.decode_tps,
+                                         "realized_bits": res.realized_bits}) + "\n")
             sys.stdout.flush()
         else:
             sys.stdout.write("\n")
-            err.print(f"[dim]{res.completion_tokens} tokens, {res.decode_tps:.1f} tok/s[/]")
+            err.print(f"[dim]{res.completion_tokens} tokens, {res.decode_tps:.1f} tok/s{_bits_note(res)}[/]")
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -405,26 +427,43 @@ def eval_ppl(
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
     plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
+    dynamic: Optional[float] = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
+    prefill: str = typer.Option("per-token", "--prefill", help=EVAL_PREFILL_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Perplexity of a model on a text file."""
+    """Perplexity of a model on a text file (and, for an artifact, the bits it realized)."""
     from bitdial.eval import model_logits_fn, perplexity, render_perplexity, to_jsonable
+    from bitdial.eval.realized import MeteredLogits
 
     _seed(seed)
     try:
-        eng = _load_engine(model, threads, bits, bits_map, plan)
+        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill)
         ids = _read_text_ids(eng.tokenizer, text)
-        res = perplexity(model_logits_fn(eng.model), ids, ctx=ctx, stride=stride, max_windows=max_windows,
+        fn = MeteredLogits(eng.model, model_logits_fn(eng.model))
+        res = perplexity(fn, ids, ctx=ctx, stride=stride, max_windows=max_windows,
                          score_second_half=score_second_half, progress=not json_out)
     except (BitdialError, ValueError) as e:
         _fail(e)
+    realized = fn.summary(dynamic)
     if json_out:
         _emit_json(dict(to_jsonable(res), model=eng.source, text=str(text), bits=bits,
-                        bits_map=str(bits_map) if bits_map else None))
+                        bits_map=str(bits_map) if bits_map else None, plan=plan, dynamic=dynamic,
+                        prefill=prefill if dynamic is not None else None, realized=realized))
     else:
         render_perplexity(out, {Path(eng.source).name: res}, title=f"Perplexity on {text.name}")
+        _print_realized(realized)
+
+
+def _print_realized(r) -> None:
+    if not r:
+        return
+    line = f"realized bits: {r['realized_bits']:.3f} (size-weighted, decoder linears; {r['windows']} windows"
+    if "target" in r:
+        line += (f"; target {r['target']:g}, deviation {r['deviation']:+.3f}, "
+                 f"per-window p99 |dev| {r['per_window_p99_abs_dev']:.3f}")
+    out.print(line + ")")
 
 
 @eval_app.command("kld")
@@ -442,12 +481,15 @@ def eval_kld(
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help=BITS_HELP),
     bits_map: Optional[Path] = typer.Option(None, "--bits-map", help=BITS_MAP_HELP),
     plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
+    dynamic: Optional[float] = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
+    prefill: str = typer.Option("per-token", "--prefill", help=EVAL_PREFILL_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """KL divergence of a candidate against a reference model, top-1 agreement and perplexity ratio."""
     from bitdial.eval import kl_divergence, load_or_build_reference, model_logits_fn, render_kl, to_jsonable
+    from bitdial.eval.realized import MeteredLogits
 
     _seed(seed)
     try:
@@ -460,23 +502,33 @@ def eval_kld(
             identity=_identity(ref, None, None), score_second_half=score_second_half,
             tail_samples=tail_samples, cache_dir=cache_dir, progress=not json_out)
         del ref_eng
-        eng = _load_engine(model, threads, bits, bits_map, plan)
+        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill)
         if _read_text_ids(eng.tokenizer, text) != ids:
             raise BitdialError("the candidate's tokenizer splits the text differently from the reference's: "
                                "KL divergence needs models that share a tokenizer")
-        res = kl_divergence(model_logits_fn(eng.model), ids, reference, progress=not json_out)
+        fn = MeteredLogits(eng.model, model_logits_fn(eng.model))
+        res = kl_divergence(fn, ids, reference, progress=not json_out)
     except (BitdialError, ValueError) as e:
         _fail(e)
+    realized = fn.summary(dynamic)
     if json_out:
         _emit_json(dict(to_jsonable(res), model=eng.source, ref=ref, text=str(text), bits=bits,
-                        bits_map=str(bits_map) if bits_map else None))
+                        bits_map=str(bits_map) if bits_map else None, plan=plan, dynamic=dynamic,
+                        prefill=prefill if dynamic is not None else None, realized=realized))
     else:
         render_kl(out, {Path(eng.source).name: res}, title=f"KL divergence vs {Path(ref).name} on {text.name}")
+        _print_realized(realized)
 
 
+from bitdial.cli.dynamic_cmds import register as _register_dynamic_commands  # noqa: E402
 from bitdial.cli.plan_cmds import register as _register_plan_commands  # noqa: E402
 
 _register_plan_commands(app)
+
+from bitdial.cli.serve_cmd import register as _register_serve_command  # noqa: E402
+
+_register_serve_command(app)
+_register_dynamic_commands(app)
 
 
 def main() -> None:  # pragma: no cover

@@ -65,6 +65,8 @@ class AnyPrecisionLinear(nn.Module):
         self.bits = self.max_bits if bits is None else bits
         self.meter: BitsMeter | None = None  # set by build_model for the decoder linears
         self.weights = self.out_features * self.in_features
+        self.rule = None  # a dynamic policy's ModuleRule (bitdial.policies.dynamic), or None: static width
+        self.per_token_prefill = False  # with a rule: batched rows decide per row (else run at the maximum)
 
     @property
     def bits(self) -> int:
@@ -96,10 +98,33 @@ class AnyPrecisionLinear(nn.Module):
         self._cache.clear()
 
     def forward(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
+        rows = x.numel() // self.in_features
+        rule = self.rule
+        if rule is not None and bits is None:
+            if rows == 1 or self.per_token_prefill:
+                return self._dynamic(x, rule, rows)
+            bits = rule.max_bits  # prefill at the maximum
         k = self._bits if bits is None else self.check_bits(bits)
         if self.meter is not None:
-            self.meter.add(self.weights, k, x.numel() // self.in_features)
+            self.meter.add(self.weights, k, rows)
         return self.matmul(x, k)
+
+    def _dynamic(self, x: torch.Tensor, rule, rows: int) -> torch.Tensor:
+        """Each row runs at the rule's high width where its error estimate exceeds the threshold."""
+        x2 = x.reshape(rows, self.in_features)  # [R, K]
+        hi = rule.choose(x2)  # [R] bool
+        n_hi = int(hi.sum())
+        rule.n_rows += rows
+        rule.n_high += n_hi
+        if self.meter is not None:
+            self.meter.add(self.weights, rule.low, rows - n_hi)
+            self.meter.add(self.weights, rule.high, n_hi)
+        if n_hi == 0 or n_hi == rows:
+            return self.matmul(x, rule.high if n_hi else rule.low)
+        y = torch.empty(rows, self.out_features, dtype=x.dtype)  # [R, N]
+        y[hi] = self.matmul(x2[hi], rule.high)
+        y[~hi] = self.matmul(x2[~hi], rule.low)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def matmul(self, x: torch.Tensor, k: int) -> torch.Tensor:  # [..., K] -> [..., N] at k bits
         if (_kernels.enabled and self.qt.method == "uniform" and x.dtype == torch.float32 and not x.requires_grad

@@ -57,8 +57,13 @@ class Engine:
 
     @classmethod
     def load(cls, spec: str | Path, *, threads: int | None = None,
-             bits: int | Mapping[str, int] | None = None) -> "Engine":
-        """Load any model source. ``bits`` (an int or a {pattern: bits} map) applies to artifacts only."""
+             bits: int | Mapping[str, int] | None = None, dynamic: float | None = None,
+             prefill: str = "max") -> "Engine":
+        """Load any model source. ``bits`` (an int or a {pattern: bits} map) applies to artifacts only.
+
+        ``dynamic``: run the artifact's dynamic policy for this target (every stored target is loaded, so
+        :meth:`set_target` can switch between them later); ``prefill``: ``max`` or ``per-token``.
+        """
         set_threads(threads)
         t0 = time.perf_counter()
         path = resolve_model_path(spec)
@@ -67,14 +72,45 @@ class Engine:
             from bitdial.runtime.anyprec import build_model
 
             art = open_artifact(path)
-            model = build_model(art, bits)
+            if dynamic is not None:
+                from bitdial.policies import attach, load_policy, policy_max_bits
+
+                if bits is not None:
+                    raise BitdialError("give either static widths (--bits/--bits-map/--plan) or --dynamic, not both")
+                load_policy(art, dynamic)  # a clear error naming the stored targets if absent
+                model = build_model(art, policy_max_bits(art))
+                attach(model, art, None, prefill).set_target(dynamic)
+            else:
+                model = build_model(art, bits)
             eng = cls(model, art.tokenizer, str(path))
         else:
-            if bits is not None:
-                raise BitdialError("--bits/--bits-map need a .bitdial artifact; quantize the model first "
-                                   "with `bitdial quantize`")
+            if bits is not None or dynamic is not None:
+                raise BitdialError("--bits/--bits-map/--plan/--dynamic need a .bitdial artifact; quantize the model "
+                                   "first with `bitdial quantize`")
             src = load_model(path)
             eng = cls(Transformer(src.config, src.tensors).eval().fuse(), src.tokenizer, src.source, src)
         eng.load_s = time.perf_counter() - t0
         log.info("loaded %s in %.1f s", eng.source, eng.load_s)
         return eng
+
+    # ---- dynamic precision ------------------------------------------------------------------------
+    @property
+    def targets(self) -> list[float]:
+        """The dynamic-precision targets this engine can switch between (empty without policies)."""
+        rt = getattr(self.model, "dynamic", None)
+        return rt.targets if rt is not None else []
+
+    @property
+    def target(self) -> float | None:
+        rt = getattr(self.model, "dynamic", None)
+        return rt.target if rt is not None else None
+
+    def set_target(self, target: float | None) -> None:
+        """Switch to the dynamic policy of ``target`` bits (None: the static widths), without reloading."""
+        rt = getattr(self.model, "dynamic", None)
+        if rt is None:
+            if target is None:
+                return
+            raise BitdialError("this model has no dynamic policies: load an artifact with --dynamic after "
+                               "`bitdial calibrate`")
+        rt.set_target(target)

@@ -1,0 +1,290 @@
+"""Dynamic per-token precision (DP-LLM): calibration, estimators against the exact error, thresholds on
+held-out inputs, policy storage, the run-time path against static widths, target switching, prefill
+modes, online threshold tracking and the CLI — on a tiny random model with the real tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitdial.artifact import QuantSettings, open_artifact, rewrite_tensors, write_artifact
+from bitdial.errors import ArtifactError, BitdialError
+from bitdial.policies import (DynamicPolicy, ModuleRule, PolicyError, attach, delete_policy, load_policy,
+                              policy_max_bits, save_policies, stored_targets)
+from bitdial.policies.calibrate import CalibSettings, _spearman, calibrate, fit_rule, parse_targets
+from bitdial.runtime.anyprec import build_model
+from bitdial.runtime.engine import Engine
+from bitdial.runtime.generate import SamplingParams, generate
+from conftest import make_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = dict(calib_tokens=384, window=64, steps=3, memory_bits=5.0)
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text("\n".join((ROOT / f).read_text() for f in ("README.md", "docs/bitplanes.md", "docs/artifact.md")))
+    return p
+
+
+def _tiny_artifact(path, tokenizer, seed=0):
+    src = make_tiny(tokenizer, seed=seed)
+    write_artifact(src, path, QuantSettings(group_size=32, clip="none"), progress=False, source_hash=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dyn_path(tmp_path_factory, smol, calib_text):
+    """A tiny artifact with policies for 2.5 and 3.5 bits."""
+    p = _tiny_artifact(tmp_path_factory.mktemp("dyn") / "tiny.bitdial", smol.tokenizer)
+    calibrate(p, [2.5, 3.5], calib_text, CalibSettings(**FAST), progress=False)
+    return p
+
+
+# ---- calibration ---------------------------------------------------------------------------------------
+def test_calibrate_hits_the_target_and_stores_every_module(dyn_path):
+    art = open_artifact(dyn_path)
+    assert stored_targets(art) == [2.5, 3.5]
+    assert art.verify() == []  # the estimator tensors are checksummed like the rest
+    mods = art.config.linear_names()
+    sizes = {n: math.prod(art.modules[n]["shape"]) for n in mods}
+    for t in (2.5, 3.5):
+        pol = load_policy(art, t)
+        assert set(pol.rules) == set(mods)
+        assert pol.expected_bits(sizes) == pytest.approx(t, abs=1e-3)
+        for r in pol.rules.values():
+            assert 2 <= r.low <= r.p <= r.high <= r.max_bits <= 5
+            assert r.high - r.low in (0, 1)
+        assert sum(pol.info["estimators"].values()) == len(mods)
+    assert max(policy_max_bits(art).values()) == 5
+
+
+def test_target_outside_the_memory_budget_is_refused(dyn_path, calib_text):
+    with pytest.raises(BitdialError, match="memory"):
+        calibrate(dyn_path, [4.5], calib_text, CalibSettings(**dict(FAST, memory_bits=4.0)), progress=False, save=False)
+    with pytest.raises(BitdialError, match="--init plan"):
+        calibrate(dyn_path, [3], calib_text, CalibSettings(**dict(FAST, init="plan")), progress=False, save=False)
+
+
+def test_parse_targets():
+    assert parse_targets("2.5,3, 3.5") == [2.5, 3.0, 3.5]
+    assert parse_targets("2.5:3.5:0.25") == [2.5, 2.75, 3.0, 3.25, 3.5]
+    assert parse_targets([3, 2.5, 3]) == [2.5, 3.0]
+    for bad in ("", "a,b", "2:3:0"):
+        with pytest.raises(BitdialError, match="--targets"):
+            parse_targets(bad)
+
+
+# ---- estimators and thresholds against the exact error ---------------------------------------------------
+def _module(path, name="layers.0.mlp.up_proj"):
+    art = open_artifact(path)
+    m = build_model(art)
+    return m.linears()[name]
+
+
+def _inputs(K: int, n: int, seed: int, scale_spread: float = 1.0) -> torch.Tensor:
+    """Rows with structure: a few dominant directions, norms varying over a decade."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(6, K, generator=g)
+    X = torch.randn(n, 6, generator=g) @ basis + 0.3 * torch.randn(n, K, generator=g)
+    return X * torch.exp(scale_spread * torch.rand(n, 1, generator=g))
+
+
+def test_estimators_against_the_exact_error(dyn_path):
+    lin = _module(dyn_path)
+    X = _inputs(lin.in_features, 1600, seed=1)
+    D = lin.weight_at(4) - lin.weight_at(3)
+    e = torch.linalg.vector_norm(X @ D.T, dim=-1)  # the exact error ||(W_h - W_l) x||
+    n_fit = 1200
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for kind in ("linear", "jl", "pca"):
+        s = CalibSettings(estimator=kind, proj_dim=8)
+        r = fit_rule(lin.name, lin, 3, 4, 3.5, 5, X, e, n_fit, s, g)
+        assert r.estimator == kind
+        est = r.estimate(X[n_fit:])
+        out[kind] = _spearman(est, e[n_fit:])
+        assert r.fit["spearman_heldout"] == pytest.approx(out[kind], abs=1e-6)
+    assert out["pca"] > 0.95
+    assert out["pca"] >= out["jl"] - 0.01  # principal directions rank at least as well as random ones
+    # where the error is proportional to ||x|| the linear fit is exact and auto picks it
+    u = X[:1].repeat(400, 1) * torch.linspace(0.5, 3, 400)[:, None]
+    eu = torch.linalg.vector_norm(u @ D.T, dim=-1)
+    r = fit_rule(lin.name, lin, 3, 4, 3.5, 5, u, eu, 300, CalibSettings(), g)
+    assert r.estimator == "linear" and r.fit["r2_linear"] > 0.999
+
+
+@pytest.mark.parametrize("p", [3.1, 3.5, 3.9])
+def test_thresholds_reproduce_the_intended_rate_on_held_out_inputs(dyn_path, p):
+    lin = _module(dyn_path)
+    X = _inputs(lin.in_features, 4000, seed=2)
+    D = lin.weight_at(4) - lin.weight_at(3)
+    e = torch.linalg.vector_norm(X @ D.T, dim=-1)
+    r = fit_rule(lin.name, lin, 3, 4, p, 5, X, e, 2000, CalibSettings(proj_dim=8), torch.Generator().manual_seed(0))
+    Xh = _inputs(lin.in_features, 4000, seed=3)  # fresh inputs from the same distribution
+    rate = float(r.choose(Xh).float().mean())
+    assert rate == pytest.approx(p - 3, abs=0.04)  # h is used with probability 1 - r = p - l
+
+
+# ---- storage -------------------------------------------------------------------------------------------
+def test_policy_storage_round_trip(dyn_path, tmp_path):
+    p = tmp_path / "copy.bitdial"
+    p.write_bytes(Path(dyn_path).read_bytes())
+    pol = load_policy(p, 2.5)
+    proj = [n for n, r in pol.rules.items() if r.G is not None]
+    # store again under a new target: the old ones stay, the data are identical after the round trip
+    pol2 = DynamicPolicy(3.0, pol.rules, pol.memory_bits, {"note": "copy"})
+    save_policies(p, [pol2])
+    assert stored_targets(p) == [2.5, 3.0, 3.5]
+    back = load_policy(p, 3.0)
+    for n, r in pol.rules.items():
+        b = back.rules[n]
+        assert (b.low, b.high, b.estimator, b.max_bits) == (r.low, r.high, r.estimator, r.max_bits)
+        assert b.threshold == pytest.approx(r.threshold) and b.p == pytest.approx(r.p, abs=1e-6)
+        if r.G is not None:
+            assert torch.equal(b.G, r.G.half().float())
+    assert open_artifact(p).verify() == []
+    delete_policy(p, 3.0)
+    art = open_artifact(p)
+    assert stored_targets(art) == [2.5, 3.5]
+    assert not any(t.startswith("policy.dyn-3.layers") for t in art.header.tensors)
+    if proj:
+        assert f"policy.dyn-2.5.{proj[0]}.G" in art.header.tensors
+    with pytest.raises(PolicyError, match="stored targets: 2.5, 3.5"):
+        load_policy(art, 4.0)
+
+
+def test_malformed_policies_and_protected_tensors(dyn_path, tmp_path):
+    from bitdial.artifact import update_metadata
+
+    p = tmp_path / "bad.bitdial"
+    p.write_bytes(Path(dyn_path).read_bytes())
+    art = open_artifact(p)
+    meta = dict(art.meta["policies"])
+    meta["dyn-2.5"] = dict(meta["dyn-2.5"], modules={"layers.0.mlp.up_proj": {"low": 3}})
+    art.close()
+    update_metadata(p, "policies", meta)
+    with pytest.raises(PolicyError, match="malformed"):
+        load_policy(p, 2.5)
+    with pytest.raises(ArtifactError, match="cannot be dropped"):
+        rewrite_tensors(p, drop={"layers.0.mlp.up_proj.planes"} | set(open_artifact(p).modules["layers.0.mlp.up_proj"]["tensors"]))
+
+
+# ---- run time ------------------------------------------------------------------------------------------
+def test_each_row_runs_at_the_width_its_rule_picks(dyn_path):
+    art = open_artifact(dyn_path)
+    model = build_model(art, policy_max_bits(art))
+    rt = attach(model, art, 2.5, prefill="per-token")
+    lin = rt.lin["layers.1.mlp.down_proj"]
+    rule = lin.rule
+    rule.low, rule.high = 2, 3  # make sure both widths occur
+    X = _inputs(lin.in_features, 40, seed=4) * 0.1
+    est = rule.estimate(X)
+    rule.threshold = float(est.median())
+    hi = est > rule.threshold
+    for rows in (1, 5, 40):  # native kernel (int8 activations, ~0.5% error) for few rows, dequantized matmul for many
+        with torch.no_grad():
+            y = lin(X[:rows])
+        for i in range(rows):
+            want = lin(X[i:i + 1], bits=rule.high if hi[i] else rule.low)
+            other = lin(X[i:i + 1], bits=rule.low if hi[i] else rule.high)
+            assert (y[i:i + 1] - want).norm() < 0.1 * (y[i:i + 1] - other).norm()
+
+
+def test_target_switching_and_prefill_modes(dyn_path, smol):
+    eng = Engine.load(dyn_path, dynamic=3.5)
+    assert eng.targets == [2.5, 3.5] and eng.target == 3.5
+    ids = smol.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
+    params = SamplingParams(max_tokens=24)
+    model = eng.model
+    res = {}
+    for t in (3.5, 2.5, 3.5):  # switch between requests, no reload
+        eng.set_target(t)
+        r = generate(model, eng.tokenizer, ids, params)
+        assert len(r.step_bits) == r.decode_steps > 0
+        assert all(2 <= b <= 5 for b in r.step_bits)
+        res.setdefault(t, []).append(r.realized_bits)
+    assert eng.model is model
+    assert res[3.5][0] == pytest.approx(res[3.5][1])  # deterministic: same request, same widths
+    assert res[2.5][0] < res[3.5][0]
+    # prefill at the maximum: every linear at its memory maximum; per token: between l and h
+    sizes = model.dynamic.sizes
+    maxb = sum(sizes[n] * r.max_bits for n, r in model.dynamic.policies[3.5].rules.items()) / sum(sizes.values())
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        model.bits_meter.take()
+        model(x, 0)
+        assert model.bits_meter.take() == pytest.approx(maxb)
+        model.dynamic.set_prefill("per-token")
+        model(x, 0)
+        b = model.bits_meter.take()
+        assert b < maxb and 2 <= b <= 5
+    with pytest.raises(PolicyError, match="prefill"):
+        model.dynamic.set_prefill("sometimes")
+    with pytest.raises(PolicyError, match="2.5, 3.5"):
+        eng.set_target(3.0)
+    eng.set_target(None)  # static again
+    assert model.dynamic.target is None
+
+
+def test_online_tracking_restores_the_intended_rate(dyn_path):
+    lin = _module(dyn_path)
+    X = _inputs(lin.in_features, 3000, seed=5)
+    D = lin.weight_at(4) - lin.weight_at(3)
+    e = torch.linalg.vector_norm(X @ D.T, dim=-1)
+    r = fit_rule(lin.name, lin, 3, 4, 3.3, 5, X, e, 3000, CalibSettings(estimator="linear"),
+                 torch.Generator().manual_seed(0))
+    shifted = _inputs(lin.in_features, 3000, seed=6) * 1.6  # a different text: larger activations
+    assert float(r.choose(shifted).float().mean()) > 0.6  # fixed threshold: far above the intended 0.3
+    r.set_adapt(0.05)
+    for i in range(2000):
+        r.choose(shifted[i:i + 1])
+    late = torch.stack([r.choose(shifted[i:i + 1])[0] for i in range(2000, 3000)])
+    assert float(late.float().mean()) == pytest.approx(0.3, abs=0.06)
+
+
+def test_rules_validate():
+    with pytest.raises(PolicyError, match="estimator"):
+        ModuleRule("m", 2, 3, 2.5, 1.0, "magic")
+    with pytest.raises(PolicyError, match="out of order"):
+        ModuleRule("m", 4, 3, 3.5, 1.0, "linear", max_bits=5)
+    with pytest.raises(PolicyError, match="projection matrix"):
+        ModuleRule("m", 2, 3, 2.5, 1.0, "pca")
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+def test_cli_calibrate_generate_eval(dyn_path, calib_text, tmp_path, wikitext_path):
+    from typer.testing import CliRunner
+
+    from bitdial.cli.main import app
+
+    p = tmp_path / "cli.bitdial"
+    p.write_bytes(Path(dyn_path).read_bytes())
+    run = CliRunner().invoke
+    r = run(app, ["calibrate", str(p), "--targets", "3", "--calib", str(calib_text), "--steps", "2",
+                  "--calib-tokens", "256", "--window", "64", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [x["target"] for x in json.loads(r.stdout)] == [3.0]
+    r = run(app, ["calibrate", str(p), "--list", "--json"])
+    assert [x["target"] for x in json.loads(r.stdout)] == [2.5, 3.0, 3.5]
+    r = run(app, ["generate", str(p), "--dynamic", "3", "-p", "Hello", "-n", "6", "--raw", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["dynamic"] == 3.0 and 2 <= d["realized_bits"] <= 5
+    r = run(app, ["eval", "ppl", str(p), "--dynamic", "3", "--text", str(wikitext_path), "--ctx", "64",
+                  "--max-windows", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["realized"]["target"] == 3.0 and d["realized"]["windows"] == 3
+    assert abs(d["realized"]["deviation"]) < 0.6 and math.isfinite(d["ppl"])
+    for args, msg in ((["generate", str(p), "--dynamic", "4.25", "-p", "x"], "stored targets"),
+                      (["generate", str(p), "--dynamic", "3", "--bits", "3", "-p", "x"], "one of"),
+                      (["calibrate", str(p), "--targets", "3"], "--calib"),
+                      (["calibrate", str(p), "--targets", "x", "--calib", str(calib_text)], "--targets")):
+        r = run(app, args)
+        assert r.exit_code == 2 and msg in r.output, r.output
