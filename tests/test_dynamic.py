@@ -288,3 +288,26 @@ def test_cli_calibrate_generate_eval(dyn_path, calib_text, tmp_path, wikitext_pa
                       (["calibrate", str(p), "--targets", "x", "--calib", str(calib_text)], "--targets")):
         r = run(app, args)
         assert r.exit_code == 2 and msg in r.output, r.output
+
+
+def test_native_estimate_matches_torch(dyn_path):
+    from bitdial.kernels import _native
+
+    if _native is None:
+        pytest.skip("native library not built")
+    lin = _module(dyn_path)
+    X = _inputs(lin.in_features, 300, seed=7)
+    D = lin.weight_at(4) - lin.weight_at(3)
+    e = torch.linalg.vector_norm(X @ D.T, dim=-1)
+    for kind in ("linear", "pca"):
+        r = fit_rule(lin.name, lin, 3, 4, 3.5, 5, X, e, 200, CalibSettings(estimator=kind, proj_dim=5),
+                     torch.Generator().manual_seed(0))
+        est = r.estimate(X)
+        for i in range(0, 300, 7):  # odd K (96) and k (5): no alignment assumptions
+            G = r.G
+            got = _native.dyn_estimate(X[i].data_ptr(), X.shape[1], 0 if G is None else G.data_ptr(),
+                                       0 if G is None else G.shape[0], r.coef[0],
+                                       0.0 if G is None else r.coef[1], r.coef[1] if G is None else r.coef[2])
+            assert got == pytest.approx(float(est[i]), rel=1e-4, abs=1e-5)
+        agree = [r.decide_one(X[i].contiguous()) == bool(r.choose(X[i:i + 1])[0]) for i in range(300)]
+        assert sum(agree) >= 298  # ties at the threshold may round either way

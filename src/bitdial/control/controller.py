@@ -21,6 +21,7 @@ allowed target, but never below the request's ``min_bits``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -28,7 +29,7 @@ import statistics
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from bitdial.control.telemetry import DeviceState
@@ -63,7 +64,12 @@ class ControlConfig:
     down_margin: float = 0.0  # a violation is observed ms > max_ms * (1 + down_margin)
     down_window: int = 3  # violation / change detection on the median of this many last steps
     min_dwell: int = 8  # steps a higher target must fit before switching up; bandit decision period
-    max_backoff: int = 6  # a target that failed soon after a switch up waits up to min_dwell * 2**max_backoff
+    # rule: a switch up that meets a violation within ``probation`` steps failed: the wait before the next
+    # switch up to that target doubles (at most 2**max_backoff × min_dwell); each ``forgive_after`` steps
+    # run at a target without a violation forgive one failure
+    probation: int = 64
+    forgive_after: int = 128
+    max_backoff: int = 6
     # slowdown estimate
     ewma_alpha: float = 0.1
     change_ratio: float = 1.3  # a median this far (×/÷) from the estimate resets it: a competitor came or went
@@ -100,7 +106,7 @@ class ControlConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.max_backoff, bool) or not isinstance(self.max_backoff, int) or self.max_backoff < 0:
             raise ValueError(f"max_backoff must be an integer >= 0, got {self.max_backoff!r}")
-        for name in ("down_window", "min_dwell", "bandit_window", "history"):
+        for name in ("down_window", "min_dwell", "probation", "forgive_after", "bandit_window", "history"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -140,9 +146,8 @@ class RequestConstraints:
     policy: str | None = None
 
     def __post_init__(self) -> None:
-        if self.max_ms_per_token is not None:
-            if _number("max_ms_per_token", self.max_ms_per_token) <= 0:
-                raise ValueError(f"max_ms_per_token must be positive, got {self.max_ms_per_token}")
+        if self.max_ms_per_token is not None and _number("max_ms_per_token", self.max_ms_per_token) <= 0:
+            raise ValueError(f"max_ms_per_token must be positive, got {self.max_ms_per_token}")
         if self.target_bits is not None and _number("target_bits", self.target_bits) <= 0:
             raise ValueError(f"target_bits must be positive, got {self.target_bits}")
         if self.min_bits is not None and _number("min_bits", self.min_bits) < 0:
@@ -391,7 +396,7 @@ class Controller:
                 raise ValueError(f"latency_ms[{t}] must be positive, got {match[0]}")
             self.latency_ms[t] = match[0]
         preds = [self.latency_ms[t] for t in self.targets]
-        if any(b < a for a, b in zip(preds, preds[1:])):
+        if any(b < a for a, b in itertools.pairwise(preds)):
             log.warning("control: latency_ms is not increasing with the target: %s", self.latency_ms)
         self.config = config if config is not None else ControlConfig()
         self._lock = threading.RLock()
@@ -466,7 +471,7 @@ class Controller:
                 r.since_epoch += 1
                 r.observed += 1
                 r.bits_sum += t
-                if r.since_switch % (4 * self.config.min_dwell) == 0 and self._fails[r.target] > 0:
+                if r.since_switch % self.config.forgive_after == 0 and self._fails[r.target] > 0:
                     self._fails[r.target] -= 1  # the target has held for a while: forgive one failed switch up
                 lim = r.constraints.max_ms_per_token
                 if lim is not None and ms > lim:
@@ -635,7 +640,7 @@ class Controller:
         observed = ratio * self.latency_ms[cur] if ratio is not None else None
         if (observed is not None and len(self._slow.recent_ratio) == cfg.down_window
                 and observed > max_ms * (1.0 + cfg.down_margin)):
-            if r.policy == "rule" and r.last_up and r.since_switch <= 2 * cfg.min_dwell:
+            if r.policy == "rule" and r.last_up and r.since_switch <= cfg.probation:
                 self._fails[cur] = min(self._fails[cur] + 1, cfg.max_backoff)  # a failed switch up: back off
             below = [t for t in allowed if t < cur]
             if not below:

@@ -51,7 +51,7 @@ class DeviceState:
     on_ac: bool | None = None
     mem_available_bytes: int | None = None
     mem_total_bytes: int | None = None
-    slowdown_hint: float | None = None  # explicit expected slowdown vs an idle machine (traces); overrides the CPU estimate
+    slowdown_hint: float | None = None  # expected slowdown vs an idle machine, given (traces); overrides the estimate
     extra: dict[str, Any] = field(default_factory=dict)  # fields a trace or custom provider adds
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,10 +171,8 @@ class PsutilCPU:
         real = self.root.resolve() == Path("/")
         self._ps = _import_psutil() if (use_psutil if use_psutil is not None else real) else None
         self._real = real
-        self._prev_cpu: list[tuple[float, float]] | None = None  # (busy, total) seconds/ticks per CPU
-        self._prev_self: tuple[float, float] | None = None  # (cpu seconds, wall seconds)
-        self._prev_cpu = self._cpu_times()
-        self._prev_self = self._self_times()
+        self._prev_cpu = self._cpu_times()  # (busy, total) seconds or ticks per CPU
+        self._prev_self = self._self_times()  # (cpu seconds of this process, wall seconds)
 
     # -- raw counters
     def _cpu_times(self) -> list[tuple[float, float]] | None:
@@ -668,7 +666,9 @@ class Telemetry:
                     extra.update(v)
                 elif k not in _FIELDS:
                     extra[k] = v
-                elif v is not None and not (k in ("per_cpu_util", "thermal_zones") and not v and k in merged):
+                elif v is None or (isinstance(v, (list, dict)) and not v and k in merged):
+                    continue  # unknown or empty never hides what an earlier provider knew
+                else:
                     merged[k] = v
         merged.setdefault("timestamp", now)
         merged["extra"] = extra

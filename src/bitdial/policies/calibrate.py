@@ -144,8 +144,12 @@ class MixedLinear(nn.Module):
             return F.linear(x, self.lin.weight_at(self.lo), bias)
         p = self.p()
         lo, hi = self.widths()
-        yl = F.linear(x, self.lin.weight_at(lo))
-        yh = F.linear(x, self.lin.weight_at(hi))
+        if self.record is not None:  # recording pass (no grad): dequantize without caching, memory stays flat
+            yl = F.linear(x, self.lin.qt.dequantize(lo))
+            yh = F.linear(x, self.lin.qt.dequantize(hi))
+        else:
+            yl = F.linear(x, self.lin.weight_at(lo))
+            yh = F.linear(x, self.lin.weight_at(hi))
         if self.record is not None:
             K = x.shape[-1]
             d = (yh - yl).detach().reshape(-1, yh.shape[-1])
@@ -289,7 +293,7 @@ def fit_rule(name: str, lin, lo: int, hi: int, p: float, max_bits: int, X: torch
         G = None
         est = n * coef[0] + coef[1]
     else:
-        D = lin.weight_at(hi) - lin.weight_at(lo)  # [N, K]
+        D = lin.qt.dequantize(hi) - lin.qt.dequantize(lo)  # [N, K]
         G = projection_matrix(D, X[fit], kind, s.proj_dim, gen)
         G = G.to(torch.float16).to(torch.float32)  # the values stored
         g = torch.linalg.vector_norm(X @ G.T, dim=-1)
@@ -317,6 +321,7 @@ def fit_rules(model, mixed: dict[str, MixedLinear], windows: list[torch.Tensor],
               gen: torch.Generator) -> dict[str, ModuleRule]:
     for m in mixed.values():
         m.record = []
+        m.lin.clear_cache()
     with torch.no_grad():
         for w in windows:
             model(w[None], 0)

@@ -42,6 +42,11 @@ from bitdial.errors import BitdialError
 
 log = logging.getLogger(__name__)
 
+try:  # the native estimate (portable C in the kernels library); torch when it is not built
+    from bitdial.kernels import _native
+except ImportError:
+    _native = None
+
 ESTIMATORS = ("linear", "jl", "pca", "fixed")
 PREFILL_MODES = ("max", "per-token")
 POLICY_KIND = "dynamic"
@@ -85,6 +90,8 @@ class ModuleRule:
             raise PolicyError(f"{self.name}: widths l={self.low}, h={self.high}, B={self.max_bits} are out of order")
         if self.estimator in ("jl", "pca") and self.G is None:
             raise PolicyError(f"{self.name}: a {self.estimator} estimator needs its projection matrix G")
+        if self.G is not None:
+            self.G = self.G.to(torch.float32).contiguous()
         if not math.isfinite(self.threshold) and self.low != self.high:
             raise PolicyError(f"{self.name}: threshold {self.threshold} is not finite")
 
@@ -102,6 +109,25 @@ class ModuleRule:
         g = torch.linalg.vector_norm(x @ self.G.T, dim=-1)  # [R, k] -> [R]
         a, c, b = self.coef
         return g * a + n * c + b
+
+    def decide_one(self, x: torch.Tensor) -> bool:
+        """One row (a decode step): True = run at the high width. The estimate runs in native code
+        (``bitdial.kernels.dyn_estimate``) when the library is built, else in torch."""
+        if self.low == self.high:
+            return True
+        if _native is not None and x.is_contiguous() and x.dtype == torch.float32:
+            G = self.G
+            if self.estimator == "linear":
+                e = _native.dyn_estimate(x.data_ptr(), x.shape[-1], 0, 0, self.coef[0], 0.0, self.coef[1])
+            else:
+                e = _native.dyn_estimate(x.data_ptr(), x.shape[-1], G.data_ptr(), G.shape[0], *self.coef)
+        else:
+            e = float(self.estimate(x.reshape(1, -1))[0])
+        if self.step:
+            hi = e > self.live
+            self.live += self.step * (float(hi) - (1.0 - self.rate_low))
+            return hi
+        return e > self.threshold
 
     def choose(self, x: torch.Tensor) -> torch.Tensor:  # [R, K] -> bool [R] (True = high)
         if self.low == self.high:

@@ -111,6 +111,14 @@ class AnyPrecisionLinear(nn.Module):
 
     def _dynamic(self, x: torch.Tensor, rule, rows: int) -> torch.Tensor:
         """Each row runs at the rule's high width where its error estimate exceeds the threshold."""
+        if rows == 1:  # a decode step: one native estimate, one kernel call
+            h = rule.decide_one(x.reshape(self.in_features))
+            rule.n_rows += 1
+            k = rule.high if h else rule.low
+            rule.n_high += h
+            if self.meter is not None:
+                self.meter.add(self.weights, k, 1)
+            return self.matmul(x, k)
         x2 = x.reshape(rows, self.in_features)  # [R, K]
         hi = rule.choose(x2)  # [R] bool
         n_hi = int(hi.sum())

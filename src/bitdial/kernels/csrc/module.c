@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <math.h>
 #include <stdlib.h>
 
 #include "bitdial_kernels.h"
@@ -292,6 +293,44 @@ static PyObject *py_sum_bytes(PyObject *self, PyObject *const *args, Py_ssize_t 
     return PyLong_FromUnsignedLongLong(s);
 }
 
+/* ---- dynamic precision: the per-token error estimate (bitdial.policies.dynamic) ------------------ */
+
+/* e = a*||G x|| + c*||x|| + b  (G: fp32 [k, K] row-major, or none: e = a*||x|| + b).
+   Plain C: one row of K floats and a k x K matrix at most; -O3 vectorizes the loops for the baseline ISA. */
+static double dyn_estimate(const float *x, int64_t K, const float *G, int64_t k, double a, double c, double b) {
+    float nx = 0.f;
+    for (int64_t j = 0; j < K; j++) nx += x[j] * x[j];
+    double n = sqrt((double)nx);
+    if (!G) return a * n + b;
+    double g2 = 0.0;
+    for (int64_t r = 0; r < k; r++) {
+        const float *row = G + r * K;
+        float acc = 0.f;
+        for (int64_t j = 0; j < K; j++) acc += row[j] * x[j];
+        g2 += (double)acc * acc;
+    }
+    return a * sqrt(g2) + c * n + b;
+}
+
+static PyObject *py_dyn_estimate(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "dyn_estimate(x_ptr, K, G_ptr, k, a, c, b) takes 7 arguments");
+        return NULL;
+    }
+    uintptr_t xp = (uintptr_t)PyLong_AsUnsignedLongLong(args[0]);
+    long long K = PyLong_AsLongLong(args[1]);
+    uintptr_t gp = (uintptr_t)PyLong_AsUnsignedLongLong(args[2]);
+    long long k = PyLong_AsLongLong(args[3]);
+    double a = PyFloat_AsDouble(args[4]), c = PyFloat_AsDouble(args[5]), b = PyFloat_AsDouble(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    if (!xp || K < 1 || (gp && k < 1)) {
+        PyErr_SetString(PyExc_ValueError, "dyn_estimate: needs a row pointer, K >= 1 and k >= 1 with a matrix");
+        return NULL;
+    }
+    return PyFloat_FromDouble(dyn_estimate((const float *)xp, K, (const float *)gp, k, a, c, b));
+}
+
 /* ---- configuration ---------------------------------------------------------------------------- */
 
 static PyObject *py_isas(PyObject *self, PyObject *unused) {
@@ -363,6 +402,8 @@ static PyMethodDef METHODS[] = {
      "gemv(planes, scales, offsets, x, y, N, K, G, B, k, M, isa): y[M,N] = x[M,K] @ W_k^T (pointers as ints; isa -1 = default)"},
     {"sum_bytes", (PyCFunction)(void (*)(void))py_sum_bytes, METH_FASTCALL,
      "sum_bytes(ptr, nbytes, isa): reduce a buffer on the thread pool (read-bandwidth probe); returns a checksum"},
+    {"dyn_estimate", (PyCFunction)(void (*)(void))py_dyn_estimate, METH_FASTCALL,
+     "dyn_estimate(x_ptr, K, G_ptr or 0, k, a, c, b): a*||G x|| + c*||x|| + b for one fp32 row (G fp32 [k, K])"},
     {"isas", py_isas, METH_NOARGS, "((family, variant, supported), ...) in preference order"},
     {"isa_id", py_isa_id, METH_O, "isa_id(family or variant) -> index of the best supported entry (ValueError if none)"},
     {"default_isa", py_default_isa, METH_NOARGS, "(index, family, variant) of the ISA used when isa = -1"},
