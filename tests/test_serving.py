@@ -279,6 +279,39 @@ def test_controller_chooses_targets(engine):
         assert c.get("/v1/models").json()["data"][0]["bitdial"]["controller"] is True
 
 
+class FakeDynamicEngine:
+    """The dynamic-precision engine interface (``targets``, ``set_target``) over the tiny static model:
+    a target t runs every decoder linear at floor(t) bits, and every call is recorded."""
+
+    def __init__(self, engine):
+        self.model, self.tokenizer, self.source = engine.model, engine.tokenizer, engine.source
+        self.static = backend_for(engine)
+        self.targets = [2.5, 3.0, 3.5, 4.0]
+        self.calls = []
+
+    def set_target(self, t):
+        self.calls.append(t)
+        self.static.apply(None if t is None else float(int(t)))
+
+
+def test_dynamic_engine_targets(engine):
+    fake = FakeDynamicEngine(engine)
+    backend = backend_for(fake)
+    assert backend.kind == "dynamic" and backend.targets == [2.5, 3.0, 3.5, 4.0]
+    with serve(fake, governor=PrecisionGovernor(backend, default_target=3.0)) as c:
+        card = c.get("/v1/models").json()["data"][0]["bitdial"]
+        assert card["precision"] == "dynamic" and card["default_target"] == 3.0
+        fake.calls.clear()
+        r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True,
+                                            "bitdial": {"target_bits": 3.6}})
+        b = r.json()["bitdial"]
+        assert b["precision"] == "dynamic" and b["target"] == 3.5 and b["realized_bits"] == pytest.approx(3)
+        assert fake.calls == [3.5, 3.0]  # the request's target, then the server's default again
+        r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "bitdial": {"target_bits": 2}})
+        assert_error(r, 400, param="bitdial.target_bits")  # below 2.5 - 0.25
+    fake.static.apply(None)
+
+
 def test_governor_validation():
     static = PrecisionBackend()
     static.kind, static.targets = "static", [2.0, 3.0, 4.0]
@@ -302,6 +335,8 @@ BAD_BODIES = [
     (b"[1, 2]", None),
     (b"", None),
     (b'"text"', None),
+    (b"[" * 100_000, None),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
     (json.dumps({"messages": []}), "messages"),
     (json.dumps({"model": "tiny"}), "messages"),
     (json.dumps({"messages": "hello"}), "messages"),
@@ -318,6 +353,7 @@ BAD_BODIES = [
     (json.dumps({"messages": USER, "top_p": 0}), "top_p"),
     (json.dumps({"messages": USER, "stream": "yes"}), "stream"),
     (json.dumps({"messages": USER, "stop": 5}), "stop"),
+    (json.dumps({"messages": USER, "seed": 2 ** 70}), "seed"),
     (json.dumps({"messages": USER, "n": 2}), "n"),
     (json.dumps({"messages": USER, "presence_penalty": 0.5}), "presence_penalty"),
     (json.dumps({"messages": USER, "tools": [{"type": "function"}]}), "tools"),
@@ -474,17 +510,33 @@ def test_queued_request_is_dropped_on_disconnect(engine):
 
 
 # ------------------------------------------------------------------------------ the real process
+@contextmanager
+def bitdial_serve(args: list[str], log_path: Path, env: dict[str, str]):
+    """A `bitdial serve` process, stopped with SIGTERM (as a service manager would) on exit."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bitdial", "serve", *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
+
+
 def test_bitdial_serve_with_openai_client(tiny_artifact, tmp_path):
     openai = pytest.importorskip("openai", reason="the official openai client is not installed")
     port = free_port()
-    env = dict(os.environ, BITDIAL_API_KEY="test-key")
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "bitdial", "serve", str(tiny_artifact), "--port", str(port),
-                             "--model-name", "tiny", "--threads", "1", "--max-tokens-limit", "64"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
+    log_path = tmp_path / "serve.log"
+    args = [str(tiny_artifact), "--port", str(port), "--model-name", "tiny", "--threads", "1",
+            "--max-tokens-limit", "64"]
+    with bitdial_serve(args, log_path, dict(os.environ, BITDIAL_API_KEY="test-key")) as proc:
         def up():
-            assert proc.poll() is None, f"bitdial serve exited: {(tmp_path / 'serve.log').read_text()}"
+            assert proc.poll() is None, f"bitdial serve exited: {log_path.read_text()}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                     return r.status == 200
@@ -511,17 +563,8 @@ def test_bitdial_serve_with_openai_client(tiny_artifact, tmp_path):
         with pytest.raises(openai.BadRequestError, match="limit of 64"):
             client.chat.completions.create(model="tiny", messages=USER, max_tokens=65)
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong",
-                          max_retries=0).models.list()
-    finally:
-        proc.terminate()
-        try:
-            code = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        log.close()
-    out = (tmp_path / "serve.log").read_text()
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
+    out = log_path.read_text()
     # uvicorn shuts down gracefully on SIGTERM, then exits by the signal it caught
-    assert code in (0, -signal.SIGTERM), out
+    assert proc.returncode in (0, -signal.SIGTERM), out
     assert "shutdown complete" in out, out

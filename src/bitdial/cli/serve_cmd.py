@@ -35,6 +35,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _load(m, model: str, threads: Optional[int], bits: Optional[int], bits_map: Optional[Path],
+          plan: Optional[str], dynamic: Optional[float]):
+    """Load the engine: static widths through the shared CLI loader, or every dynamic policy for --dynamic."""
+    if dynamic is None:
+        return m._load_engine(model, threads, bits, bits_map, plan)
+    import inspect
+
+    from bitdial.runtime.engine import Engine
+
+    if "dynamic" not in inspect.signature(Engine.load).parameters:
+        raise BitdialError("--dynamic needs dynamic precision, which this version of bitdial does not have")
+    return Engine.load(model, threads=threads, dynamic=dynamic)
+
+
 def serve_cmd(
     model: str = typer.Argument(..., help="The .bitdial artifact to serve (any model source works; only an "
                                           "artifact's precision can be chosen per request)."),
@@ -87,7 +101,7 @@ def serve_cmd(
                               api_key=api_key, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                               max_tokens_limit=max_tokens_limit)
         config.validate()
-        eng = m._load_engine(model, threads, bits, bits_map, plan)
+        eng = _load(m, model, threads, bits, bits_map, plan, dynamic)
         if threads:
             from bitdial.planning.device import kernel_threads
 
@@ -113,9 +127,12 @@ def serve_cmd(
     if not _is_loopback(host) and not api_key:
         m.err.print(f"[yellow]warning: listening on {host} without an API key: anyone who can reach this port "
                     "can use the model (set --api-key or BITDIAL_API_KEY)[/]")
-    targets = ", ".join(f"{t:g}" for t in backend.targets) or "-"
-    m.err.print(f"[bold]bitdial serve[/] {config.model_id} ({backend.kind} precision, targets {targets}; "
-                f"controller {'on' if control else 'off'}) on http://{host}:{port}/v1 — "
+    if backend.targets:
+        precision = (f"{backend.kind} precision, targets {', '.join(f'{t:g}' for t in backend.targets)}; "
+                     f"controller {'on' if control else 'off'}")
+    else:
+        precision = "a float model: precision fixed"
+    m.err.print(f"[bold]bitdial serve[/] {config.model_id} ({precision}) on http://{host}:{port}/v1 — "
                 f"queue {max_queue}, max_tokens ≤ {max_tokens_limit}{', API key required' if api_key else ''}")
     verbose = logging.getLogger("bitdial").getEffectiveLevel() <= logging.DEBUG
     logging.getLogger("uvicorn.error").setLevel(logging.INFO)

@@ -226,6 +226,8 @@ def build_model(art: Artifact | str | Path, bits: int | Mapping[str, int] | None
     model.artifact = art
     dec = [m for n, m in model.linears().items() if n != "lm_head" and isinstance(m, AnyPrecisionLinear)]
     model.bits_meter = BitsMeter(sum(m.weights for m in dec))
+    if _kernels.enabled and _kernels.available():
+        model.decode_torch_threads = 1  # decode: linears in the kernels' pool, the small rest on one torch thread
     for m in dec:
         m.meter = model.bits_meter
     return model

@@ -185,37 +185,48 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[i
         _step_bits(model)  # prefill is not counted in the decode figures
         res.prefill_s = time.perf_counter() - t0
         pos = len(prompt_ids)
+        # a model whose linears run in the native kernels' own thread pool does the rest of a decode step
+        # (norms, attention over one query) in tiny torch ops: one torch thread keeps two thread pools from
+        # spinning against each other on the same cores (docs/kernels.md)
+        torch_threads = torch.get_num_threads()
+        decode_threads = getattr(model, "decode_torch_threads", None)
+        if decode_threads:
+            torch.set_num_threads(decode_threads)
         t1 = ts = time.perf_counter()
-        while True:
-            if cancel is not None and cancel.is_set():
-                res.finish_reason, res.cancelled = "cancelled", True
-                break
-            tok = sample_next(logits, params, history, gen)
-            if tok in stop_ids:
-                res.finish_reason = "stop"
-                break
-            res.token_ids.append(tok)
-            history = torch.cat([history, torch.tensor([tok])])
-            piece, stopped = matcher.feed(detok.push(tok))
-            if piece:
-                res.text += piece
-                yield piece
-            if stopped:
-                res.finish_reason = "stop"
-                break
-            if len(res.token_ids) >= params.max_tokens:
-                res.finish_reason = "length"
-                break
-            logits = model(torch.tensor([[tok]]), pos)[0, -1]
-            pos += 1
-            now = time.perf_counter()
-            info = StepInfo(res.decode_steps, now - ts, _step_bits(model), pos)
-            ts = now
-            res.step_ms.append(info.seconds * 1e3)
-            res.step_bits.append(info.bits)
-            res.decode_steps += 1
-            if step_hook is not None:
-                step_hook(info)
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    res.finish_reason, res.cancelled = "cancelled", True
+                    break
+                tok = sample_next(logits, params, history, gen)
+                if tok in stop_ids:
+                    res.finish_reason = "stop"
+                    break
+                res.token_ids.append(tok)
+                history = torch.cat([history, torch.tensor([tok])])
+                piece, stopped = matcher.feed(detok.push(tok))
+                if piece:
+                    res.text += piece
+                    yield piece
+                if stopped:
+                    res.finish_reason = "stop"
+                    break
+                if len(res.token_ids) >= params.max_tokens:
+                    res.finish_reason = "length"
+                    break
+                logits = model(torch.tensor([[tok]]), pos)[0, -1]
+                pos += 1
+                now = time.perf_counter()
+                info = StepInfo(res.decode_steps, now - ts, _step_bits(model), pos)
+                ts = now
+                res.step_ms.append(info.seconds * 1e3)
+                res.step_bits.append(info.bits)
+                res.decode_steps += 1
+                if step_hook is not None:
+                    step_hook(info)
+        finally:
+            if decode_threads:
+                torch.set_num_threads(torch_threads)
         res.decode_s = time.perf_counter() - t1
     if not stopped and not res.cancelled:  # eos or length: emit what the decoders still hold
         tail, hit = matcher.feed(detok.flush())

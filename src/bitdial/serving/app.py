@@ -37,15 +37,16 @@ log = logging.getLogger(__name__)
 
 
 def _package_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("bitdial")
-    except Exception:  # noqa: BLE001 - running from a source tree
+    except PackageNotFoundError:  # running from a source tree
         return "0+unknown"
 
 
 _version = _package_version()
+_NOT_UNICODE = "The text is not valid Unicode (it holds a lone surrogate such as \\ud800)"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
@@ -157,6 +158,8 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request(f"The request body must be a JSON object, got a JSON {type(data).__name__}")
     return data
@@ -397,6 +400,8 @@ def create_app(engine: Any, config: ServerConfig | None = None, *,
         except (ValueError, BitdialError) as e:
             raise bad_request(f"The messages cannot be rendered with the model's chat template: {e}",
                               param="messages") from None
+        except TypeError:  # the tokenizer refuses strings that are not valid Unicode
+            raise bad_request(_NOT_UNICODE, param="messages") from None
         params = sampling(req, len(ids), None, "messages")
         return await run(request, req, ids, params, "chat")
 
@@ -405,7 +410,10 @@ def create_app(engine: Any, config: ServerConfig | None = None, *,
         req: CompletionRequest = _parse(CompletionRequest, await _read_json(request, cfg.max_body_bytes))
         prompt = req.single_prompt()
         if isinstance(prompt, str):
-            ids = await run_in_threadpool(engine.tokenizer.encode, prompt)
+            try:
+                ids = await run_in_threadpool(engine.tokenizer.encode, prompt)
+            except (TypeError, ValueError):
+                raise bad_request(_NOT_UNICODE, param="prompt") from None
             echo = prompt if req.echo else ""
         else:
             bad = next((t for t in prompt if not 0 <= t < vocab), None)

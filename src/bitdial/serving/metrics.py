@@ -10,7 +10,8 @@ import math
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -26,7 +27,7 @@ def _labels(d: dict[str, str]) -> str:
     return "{" + ",".join(f'{k}="{_esc(str(v))}"' for k, v in d.items()) + "}" if d else ""
 
 
-def _num(x: float | int | None) -> str:
+def _num(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "NaN"
     if isinstance(x, float) and math.isinf(x):

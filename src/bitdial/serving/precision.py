@@ -26,14 +26,15 @@ from typing import Any
 
 import torch
 
-from bitdial.runtime.generate import StepInfo
 from bitdial.errors import BitdialError
+from bitdial.runtime.generate import StepInfo
 from bitdial.serving.errors import ApiError, bad_request
 from bitdial.serving.schemas import BitdialOptions
 
 log = logging.getLogger(__name__)
 
 ADAPTIVE = ("rule", "bandit")
+MIN_STATIC_BITS = 2  # a uniform artifact can read 1-bit views, but nothing usable runs at 1 bit
 
 
 # ------------------------------------------------------------------------------------------ backends
@@ -68,9 +69,9 @@ class DynamicBackend(PrecisionBackend):
 
 
 class StaticBackend(PrecisionBackend):
-    """A ``.bitdial`` artifact without dynamic policies: a target is one integer width for every decoder
-    linear (``lm_head`` and the embedding stay as loaded). ``None`` restores the widths it was loaded with
-    (``--bits``, a bits map or a plan)."""
+    """A ``.bitdial`` artifact without dynamic policies: a target is one integer width (2 bits and up) for
+    every decoder linear (``lm_head`` and the embedding stay as loaded). ``None`` restores the widths it was
+    loaded with (``--bits``, a bits map or a plan)."""
 
     kind = "static"
 
@@ -79,7 +80,7 @@ class StaticBackend(PrecisionBackend):
         self.model = model
         self.linears = linears
         self.loaded = {n: m.bits for n, m in linears.items()}
-        lo = max(m.min_bits for m in linears.values())
+        lo = max(MIN_STATIC_BITS, *(m.min_bits for m in linears.values()))
         hi = min(m.max_bits for m in linears.values())
         self.targets = [float(k) for k in range(lo, hi + 1)]
         self.current: float | None = None
@@ -92,7 +93,7 @@ class StaticBackend(PrecisionBackend):
                 m.bits = self.loaded[n]
         else:
             for m in self.linears.values():
-                m.bits = int(round(target))
+                m.bits = round(target)
         self.current = target
 
 
@@ -127,10 +128,10 @@ class ControlAdapter:
         self._constraints = constraints_type
 
     @classmethod
-    def create(cls, targets: Sequence[float], latency_ms: dict[float, float]) -> "ControlAdapter | None":
+    def create(cls, targets: Sequence[float], latency_ms: dict[float, float]) -> ControlAdapter | None:
         """The controller over ``targets``, or None (logged) when :mod:`bitdial.control` is missing or fails."""
         try:
-            import bitdial.control as control
+            from bitdial import control
         except ImportError as e:
             log.info("bitdial.control is not available (%s): adaptive policies fall back to fixed", e)
             return None
@@ -139,7 +140,7 @@ class ControlAdapter:
             controller = control.Controller(list(targets), dict(latency_ms), config=config)
             telemetry = control.Telemetry()
             adapter = cls(controller, telemetry, control.RequestConstraints)
-        except Exception:  # noqa: BLE001 - a broken optional component must not stop the server
+        except Exception:  # a broken optional component must not stop the server
             log.warning("could not start the precision controller: adaptive policies fall back to fixed",
                         exc_info=True)
             return None
@@ -148,11 +149,11 @@ class ControlAdapter:
     def state(self) -> Any:
         try:
             return self.telemetry.read()
-        except Exception:  # noqa: BLE001 - telemetry is best effort
+        except Exception:  # telemetry is best effort
             log.debug("telemetry read failed", exc_info=True)
             return None
 
-    def start_request(self, plan: "PrecisionPlan") -> Any:
+    def start_request(self, plan: PrecisionPlan) -> Any:
         constraints = self._constraints(max_ms_per_token=plan.max_ms_per_token, target_bits=None,
                                         min_bits=plan.min_bits, policy=plan.policy)
         return self.controller.start_request(constraints, self.state())
@@ -165,7 +166,7 @@ class ControlAdapter:
     def end_request(self) -> dict[str, Any]:
         try:
             return dict(self.controller.end_request() or {})
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.debug("controller end_request failed", exc_info=True)
             return {}
 
@@ -244,7 +245,7 @@ class PrecisionSession:
                 self.policy = str(_field(d, "policy", self.policy))
                 pm = _field(d, "predicted_ms")
                 self.predicted_ms = float(pm) if pm is not None else None
-            except Exception:  # noqa: BLE001 - the controller is optional; keep serving at the plan's target
+            except Exception:  # the controller is optional; keep serving at the plan's target
                 log.warning("the controller failed to start a request; running fixed", exc_info=True)
                 self.policy, self.reason, self.control = "fixed", "controller error: fixed target", None
         self.target = target
@@ -276,7 +277,7 @@ class PrecisionSession:
             return
         try:
             d = self.control.observe_and_step(self.current, ms)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("the controller failed during a step; holding the current target", exc_info=True)
             self.control, self.reason = None, "controller error: target held"
             return

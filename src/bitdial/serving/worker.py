@@ -61,7 +61,7 @@ class Job:
     def emit(self, kind: str, payload: Any = None) -> None:
         try:
             self.sink(kind, payload)
-        except Exception:  # noqa: BLE001 - a listener that went away must not kill the worker
+        except Exception:  # a listener that went away must not kill the worker
             log.debug("job %s: sink failed on %s; cancelling", self.id, kind, exc_info=True)
             self.cancel.set()
 
@@ -182,7 +182,7 @@ class GenerationWorker:
                 self._running = job
             try:
                 self._run(job)
-            except Exception:  # noqa: BLE001 - keep the worker alive whatever one job does
+            except Exception:  # keep the worker alive whatever one job does
                 log.exception("job %s: unexpected failure", job.id)
             finally:
                 with self._cond:
@@ -204,7 +204,7 @@ class GenerationWorker:
             for piece in stream_generate(self.engine.model, self.engine.tokenizer, job.prompt_ids, job.params,
                                          res, step_hook=session.step_hook, cancel=job.cancel):
                 job.emit("text", piece)
-        except Exception as e:  # noqa: BLE001 - reported to the client
+        except Exception as e:  # reported to the client
             job.state, job.finished_at = "failed", time.monotonic()
             if isinstance(e, ValueError):
                 log.info("job %s: %s", job.id, e)
