@@ -111,4 +111,4 @@ def test_unknown_plan_is_a_clear_error(tiny_artifact):
     r = run("generate", tiny_artifact, "-p", "Hello", "-n", "2", "--plan", "nope", ok=False)
     assert r.exit_code == 2 and "no plan named 'nope'" in r.output
     r = run("generate", tiny_artifact, "-p", "Hello", "-n", "2", "--plan", "x", "--bits", "3", ok=False)
-    assert r.exit_code == 2 and "one of --bits, --bits-map or --plan" in r.output
+    assert r.exit_code == 2 and "one of --bits, --bits-map, --plan or --dynamic" in r.output
