@@ -25,7 +25,6 @@ import os
 import statistics
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 

@@ -29,15 +29,15 @@ from rich.console import Console
 from rich.table import Table
 
 from bitdial.artifact import open_artifact
-from bitdial.eval import kl_divergence, load_or_build_reference, model_logits_fn
+from bitdial.eval import kl_divergence, model_logits_fn
 from bitdial.eval.realized import MeteredLogits
 from bitdial.planning import Budgets, load_profile, make_plan
 from bitdial.policies import attach, policy_max_bits, stored_targets
 from bitdial.policies.calibrate import parse_targets
 from bitdial.runtime.anyprec import build_model, set_bits
+from wiki_reference import WIKI, dense_reference
 
 ROOT = Path(__file__).resolve().parent
-WIKI = ROOT.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 console = Console(stderr=True)
 
 
@@ -65,17 +65,7 @@ def main() -> None:
     missing = [t for t in targets if t not in have]
     if missing:
         raise SystemExit(f"{args.artifact} has no policy for {missing} (stored: {have}); run `bitdial calibrate`")
-    tok = art.tokenizer
-    ids = tok.encode(WIKI.read_text(encoding="utf-8"), bos=False)[: args.ctx * args.windows]
-
-    from bitdial.loading import load_model
-    from bitdial.model.llama import Transformer
-
-    src = load_model("default")
-    dense = Transformer(src.config, src.tensors).eval()
-    ref = load_or_build_reference(model_logits_fn(dense), ids, ctx=args.ctx, max_windows=args.windows,
-                                  identity=f"dense-default:{src.source}", tail_samples=32, progress=True)
-    del dense, src
+    ids, ref = dense_reference(art.tokenizer, args.ctx, args.windows)
 
     model = build_model(art, policy_max_bits(art))
     rt = attach(model, art, targets, prefill="per-token")

@@ -33,15 +33,15 @@ from rich.console import Console
 from rich.table import Table
 
 from bitdial.artifact import open_artifact
-from bitdial.eval import kl_divergence, load_or_build_reference, model_logits_fn
+from bitdial.eval import kl_divergence, model_logits_fn
 from bitdial.planning import Budgets, load_device, load_profile, make_plan, profile_sensitivity, save_profile
 from bitdial.planning.device import kernel_threads, measure_decode, profile_device, save_device
 from bitdial.planning.pareto import uniform_point
 from bitdial.runtime.anyprec import build_model
+from wiki_reference import WIKI, dense_reference
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent.parent / "shared" / "data"
-WIKI = SHARED / "wikitext-2-raw" / "wiki.valid.raw"
 CALIB = SHARED / "gutenberg" / "pg1342.txt"
 console = Console(stderr=True)
 
@@ -57,16 +57,7 @@ def geo_interp(curve: dict[int, float], a: float) -> float:
 
 
 def quality(art, prof, args) -> dict:
-    from bitdial.loading import load_model
-    from bitdial.model.llama import Transformer
-
-    tok = art.tokenizer
-    ids = tok.encode(WIKI.read_text(encoding="utf-8"), bos=False)[: args.ctx * args.windows]
-    src = load_model("default")
-    dense = Transformer(src.config, src.tensors).eval()
-    ref = load_or_build_reference(model_logits_fn(dense), ids, ctx=args.ctx, max_windows=args.windows,
-                                  identity=f"dense-default:{src.source}", tail_samples=32, progress=True)
-    del dense, src
+    ids, ref = dense_reference(art.tokenizer, args.ctx, args.windows)
     model = build_model(art)
     res = {"uniform": {}, "plans": {}}
 

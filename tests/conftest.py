@@ -12,6 +12,7 @@ from bitdial.model.llama import Transformer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2-raw", "wiki.valid.raw")
 
 
@@ -69,3 +70,21 @@ def make_tiny(tokenizer, *, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=
 @pytest.fixture(scope="session")
 def tiny(smol):
     return make_tiny(smol.tokenizer, vocab=512)
+
+
+def tiny_artifact(path, tokenizer, seed=0):
+    """A tiny random model (full vocabulary, so real text tokenizes in range) quantized to ``path``."""
+    from bitdial.artifact import QuantSettings, write_artifact
+
+    src = make_tiny(tokenizer, seed=seed)
+    write_artifact(src, path, QuantSettings(group_size=32, clip="none"), progress=False, source_hash=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    """Calibration text that ships with the repo (README + docs), so the tests need no shared data."""
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text("\n".join(open(os.path.join(ROOT, f)).read() for f in ("README.md", "docs/bitplanes.md",
+                                                                          "docs/artifact.md")))
+    return p

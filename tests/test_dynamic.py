@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitdial.artifact import QuantSettings, open_artifact, rewrite_tensors, write_artifact
+from bitdial.artifact import open_artifact, rewrite_tensors
 from bitdial.errors import ArtifactError, BitdialError
 from bitdial.policies import (DynamicPolicy, ModuleRule, PolicyError, attach, delete_policy, load_policy,
                               policy_max_bits, save_policies, stored_targets)
@@ -19,29 +19,15 @@ from bitdial.policies.calibrate import CalibSettings, _spearman, calibrate, fit_
 from bitdial.runtime.anyprec import build_model
 from bitdial.runtime.engine import Engine
 from bitdial.runtime.generate import SamplingParams, generate
-from conftest import make_tiny
+from conftest import tiny_artifact
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = dict(calib_tokens=384, window=64, steps=3, memory_bits=5.0)
-
-
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text("\n".join((ROOT / f).read_text() for f in ("README.md", "docs/bitplanes.md", "docs/artifact.md")))
-    return p
-
-
-def _tiny_artifact(path, tokenizer, seed=0):
-    src = make_tiny(tokenizer, seed=seed)
-    write_artifact(src, path, QuantSettings(group_size=32, clip="none"), progress=False, source_hash=False)
-    return path
 
 
 @pytest.fixture(scope="module")
 def dyn_path(tmp_path_factory, smol, calib_text):
     """A tiny artifact with policies for 2.5 and 3.5 bits."""
-    p = _tiny_artifact(tmp_path_factory.mktemp("dyn") / "tiny.bitdial", smol.tokenizer)
+    p = tiny_artifact(tmp_path_factory.mktemp("dyn") / "tiny.bitdial", smol.tokenizer)
     calibrate(p, [2.5, 3.5], calib_text, CalibSettings(**FAST), progress=False)
     return p
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitdial.artifact import QuantSettings, open_artifact, write_artifact
+from bitdial.artifact import open_artifact
 from bitdial.errors import BudgetError
 from bitdial.planning import (Budgets, PlanError, ProfileError, builtin_devices, delete_plan, load_device, load_plans,
                               load_profile, make_plan, plan_bits, plan_table, save_plan, save_profile)
@@ -20,28 +20,13 @@ from bitdial.planning.planner import Problem, build_problem, solve, solve_exhaus
 from bitdial.planning.sensitivity import (calibration_windows, collect_statistics, dense_model, profile_sensitivity,
                                           proxy_costs)
 from bitdial.runtime.anyprec import build_model
-from conftest import make_tiny
+from conftest import tiny_artifact
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    """Calibration text that ships with the repo (README + docs), so the tests need no shared data."""
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text("\n".join((ROOT / f).read_text() for f in ("README.md", "docs/bitplanes.md", "docs/artifact.md")))
-    return p
-
-
-def _tiny_artifact(path, tokenizer, seed=0):
-    src = make_tiny(tokenizer, seed=seed)  # full vocabulary, so real text tokenizes in range
-    write_artifact(src, path, QuantSettings(group_size=32, clip="none"), progress=False, source_hash=False)
-    return path
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory, smol):
-    return _tiny_artifact(tmp_path_factory.mktemp("plan") / "tiny.bitdial", smol.tokenizer)
+    return tiny_artifact(tmp_path_factory.mktemp("plan") / "tiny.bitdial", smol.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +161,7 @@ def test_corrupt_profiles_are_rejected(tiny_profile, tmp_path, smol):
         load_profile(_write(tmp_path / "f.json", dict(good, chosen_proxy="magic")))
     with pytest.raises(ProfileError, match="not found"):
         load_profile(tmp_path / "missing.json")
-    other = open_artifact(_tiny_artifact(tmp_path / "other.bitdial", smol.tokenizer, seed=1))
+    other = open_artifact(tiny_artifact(tmp_path / "other.bitdial", smol.tokenizer, seed=1))
     with pytest.raises(ProfileError, match="re-run `bitdial profile sensitivity` on this artifact"):
         load_profile(tiny_profile, other)
 
