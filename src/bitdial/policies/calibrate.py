@@ -268,10 +268,11 @@ def projection_matrix(D: torch.Tensor, X: torch.Tensor, kind: str, k: int, gen: 
     if kind == "jl":
         A = torch.randn(k, N, generator=gen) / math.sqrt(k)
     else:
-        E = X @ D.T  # [T, N] error vectors
-        C = (E.T.double() @ E.double())  # [N, N]
-        _, vecs = torch.linalg.eigh(C)
-        A = vecs[:, -k:].T.float()  # top-k principal directions [k, N]
+        E = (X @ D.T).double()  # [T, N] error vectors
+        _, _, Vh = torch.linalg.svd(E, full_matrices=False)  # O(min(T, N)^2 max(T, N))
+        A = Vh[:k].float()  # top-k principal directions [k, N]
+        if A.shape[0] < k:  # fewer tokens than rows asked: pad with random directions
+            A = torch.cat([A, torch.randn(k - A.shape[0], N, generator=gen) / math.sqrt(k)])
     return A @ D  # [k, K]
 
 
