@@ -45,7 +45,7 @@ killed at the end of its period, at the end of every run, on Ctrl-C/SIGTERM (ate
 should this process die without cleaning up — by the kernel (PR_SET_PDEATHSIG) or its own parent check.
 
 ``demo`` traces: the temperature is 55 °C, then 85 °C (over the controller's 80 °C thermal cap) for
-min(60 s, 20% of the run) from 70% of the run, then 65 °C; the battery discharges from 60% to 10% over the
+min(60 s, 20% of the run) from 78% of the run (after the default competitor period), then 65 °C; the battery discharges from 60% to 10% over the
 run (below the 20% cap from 80% of it). A trace file is a JSON list or JSONL of ``{"t": s, field: value}``
 records (docs/control.md); each run replays it from t = 0. Fixed policies ignore caps by definition.
 
@@ -59,6 +59,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -90,7 +92,7 @@ ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parent.parent / "shared" / "data"
 DEFAULT_PROMPTS = DATA / "mt_bench" / "question.jsonl"
 ADAPTIVE = ("rule", "bandit")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("adaptive_control")
 
 
@@ -134,12 +136,10 @@ _LIVE: set[subprocess.Popen] = set()  # every competitor process this script sta
 
 
 def _kill(p: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # already gone, or not reapable
         if p.poll() is None:
             p.kill()
         p.wait(timeout=5)
-    except Exception:  # already gone, or not reapable: nothing more to do
-        pass
     _LIVE.discard(p)
 
 
@@ -279,7 +279,7 @@ class Scheduler:
 # -------------------------------------------------------------------------------------------- traces
 def demo_trace(kind: str, duration: float) -> list[dict[str, Any]]:
     if kind == "thermal":
-        a = 0.7 * duration
+        a = 0.78 * duration
         return [{"t": 0, "temperature_c": 55.0}, {"t": round(a, 3), "temperature_c": 85.0},
                 {"t": round(a + min(60.0, 0.2 * duration), 3), "temperature_c": 65.0}]
     out = [{"t": 0, "battery_percent": 60.0, "battery_status": "Discharging", "on_ac": False}]
@@ -295,10 +295,15 @@ def load_trace(spec: str | None, kind: str, duration: float) -> list[dict[str, A
     return ReplayProvider(recs).records  # validates (ValueError naming the bad record)
 
 
-def make_telemetry(traces: list[list[dict[str, Any]]], interval: float) -> Telemetry:
-    """The real providers, then the traces (a later provider's known values win); restarted per run."""
-    providers = default_providers() + [ReplayProvider(tr) for tr in traces]
-    return Telemetry(providers, min_interval=interval)
+def make_telemetry(traces: list[list[dict[str, Any]]], interval: float) -> tuple[Telemetry, list[ReplayProvider]]:
+    """The real providers, then the traces (a later provider's known values win), primed: the first CPU
+    reading covers the time since the providers were made, so it waits a moment and reads once (else the
+    first request would start from a utilization measured over a millisecond)."""
+    replays = [ReplayProvider(tr) for tr in traces]
+    tel = Telemetry(default_providers() + replays, min_interval=interval)
+    time.sleep(0.3)
+    tel.read()
+    return tel, replays
 
 
 # ------------------------------------------------------------------------------------------ workload
@@ -343,15 +348,19 @@ class Run:
         self.mid_request_switches = 0
         self.wall_s = 0.0
         self.controller_stats: dict[str, Any] | None = None
+        self.complete = False
 
 
 def run_policy(name: str, policy: str, target: float | None, *, eng, backend, prompts: list[list[int]],
                params: SamplingParams, duration: float, intervals: list[tuple[float, float]],
                competitor: Competitor | None, max_ms: float | None, latency_ms: dict[float, float],
                traces: list[list[dict[str, Any]]], args, first_prompt: int = 0,
-               progress: Callable[[str], None] | None = None) -> Run:
+               progress: Callable[[str], None] | None = None, sink: list[Run] | None = None) -> Run:
+    """Run one policy for ``duration`` s; ``sink`` gets the run at once (so an interrupted run is kept)."""
     run = Run(name, policy, target)
-    tel = make_telemetry(traces, args.telemetry_interval)
+    if sink is not None:
+        sink.append(run)
+    tel, replays = make_telemetry(traces, args.telemetry_interval)
     control = None
     if policy in ADAPTIVE:
         cfg = ControlConfig(threads=args.threads, seed=args.seed)
@@ -359,6 +368,8 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
     sched = Scheduler(competitor, intervals)
     cancel = threading.Event()
     t0 = time.monotonic()
+    for r in replays:  # every run replays its traces from t = 0
+        r.reset()
     sched.start(t0)
     c = run.cols
     threads = args.threads
@@ -420,6 +431,7 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
         run.competitor_events = list(sched.events)
         if control is not None:
             run.controller_stats = control.controller.stats()
+    run.complete = True
     return run
 
 
@@ -440,9 +452,9 @@ def _q(xs: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
-def summarize(run: Run, max_ms: float | None, skip_s: float = 0.0) -> dict[str, Any]:
+def summarize(run: Run, max_ms: float | None) -> dict[str, Any]:
     c = run.cols
-    idx = [k for k, t in enumerate(c["t"]) if t >= skip_s]
+    idx = list(range(len(c["t"])))
     groups = {"all": idx, "on": [k for k in idx if c["comp"][k]], "off": [k for k in idx if not c["comp"][k]]}
     out: dict[str, Any] = {"name": run.name, "policy": run.policy, "fixed_target": run.target,
                            "requests": run.requests, "tokens": len(idx), "wall_s": round(run.wall_s, 2)}
@@ -457,7 +469,7 @@ def summarize(run: Run, max_ms: float | None, skip_s: float = 0.0) -> dict[str, 
             d["tokens_per_s"] = 1e3 / statistics.fmean(ms)
         out[g] = d
     tg = [c["target"][k] for k in idx]
-    out["target_switches"] = sum(1 for a, b in zip(tg, tg[1:]) if a != b)  # across requests too
+    out["target_switches"] = sum(1 for a, b in itertools.pairwise(tg) if a != b)  # across requests too
     out["mid_request_switches"] = run.mid_request_switches
     out["target_share"] = {_fmt_t(t): tg.count(t) / len(tg) for t in sorted(set(tg), key=lambda x: x or 0.0)}
     out["hook_ms_mean"] = _mean(c["hook_ms"])
@@ -539,6 +551,9 @@ def plot(runs: list[Run], summaries: dict[str, dict], max_ms: float | None, dura
 
     fig, axes = plt.subplots(len(runs), 1, figsize=(12, 2.6 * len(runs) + 0.6), sharex=True, squeeze=False)
     win = max(0.5, duration / 300)
+    ts = [t for r in runs for t in r.cols["target"] if t is not None]
+    bs = [b for r in runs for b in r.cols["bits"] if b is not None]
+    blim = (min(ts + bs, default=2.0) - 0.25, max(ts + bs, default=4.0) + 0.25)  # one bits scale for every row
     for ax, run in zip(axes[:, 0], runs):
         c, s = run.cols, summaries[run.name]
         for a, b in _intervals(run.competitor_events, run.wall_s):
@@ -562,6 +577,7 @@ def plot(runs: list[Run], summaries: dict[str, dict], max_ms: float | None, dura
         xb, yb = _rolling(c["t"], c["bits"], win, statistics.fmean)
         ax2.plot(xb, yb, color="tab:green", lw=0.9, alpha=0.8, label="realized bits")
         ax2.set_ylabel("bits")
+        ax2.set_ylim(*blim)
         w = s["all"].get("within")
         ax.set_title(f"{run.name}: {w:.1%} of tokens within target (on {s['on'].get('within') or 0:.1%}, "
                      f"off {s['off'].get('within') or 0:.1%}), realized {s['all'].get('realized_bits') or 0:.2f} "
@@ -596,7 +612,8 @@ def parse_policies(spec: str, targets: list[float]) -> list[tuple[str, str, floa
             except ValueError:
                 raise SystemExit(f"--policies: unknown policy {p!r}") from None
             if t not in targets:
-                raise SystemExit(f"--policies {p}: no stored target {t:g} (stored: {', '.join(f'{x:g}' for x in targets)})")
+                have = ", ".join(f"{x:g}" for x in targets)
+                raise SystemExit(f"--policies {p}: no stored target {t:g} (stored: {have})")
             out.append((f"fixed-{t:g}", "fixed", t))
         else:
             raise SystemExit(f"--policies: unknown policy {p!r} (fixed4, best-fixed, rule, bandit, fixed-T, fixed-all)")
@@ -608,8 +625,17 @@ def parse_policies(spec: str, targets: list[float]) -> list[tuple[str, str, floa
 
 def measure_latency(model, backend, rounds: int, steps: int) -> dict[float, float]:
     """``probe_latency`` (what `bitdial serve` measures at startup) repeated; the median per target, made
-    monotone in the target again."""
-    runs = [probe_latency(model, backend, steps=steps) for _ in range(rounds)]
+    monotone in the target again. It runs with torch on ``model.decode_torch_threads`` threads, as
+    ``stream_generate`` decodes: with torch's full thread count next to the kernels' pool, the probe's steps
+    take several times longer than real decode steps (two thread pools spinning on the same cores)."""
+    n = torch.get_num_threads()
+    decode_threads = getattr(model, "decode_torch_threads", None)
+    if decode_threads:
+        torch.set_num_threads(decode_threads)
+    try:
+        runs = [probe_latency(model, backend, steps=steps) for _ in range(rounds)]
+    finally:
+        torch.set_num_threads(n)
     out = {t: statistics.median(r[t] for r in runs) for t in backend.targets}
     m = 0.0
     for t in sorted(out):
@@ -627,7 +653,8 @@ def main() -> None:
     ap.add_argument("--policies", default="fixed4,best-fixed,rule,bandit")
     ap.add_argument("--best-fixed", default="probe", help="probe | sweep | a stored target")
     ap.add_argument("--probe-seconds", type=float, default=15.0, help="per target, competitor on (best-fixed probe)")
-    ap.add_argument("--attain", type=float, default=0.95, help="fraction of tokens within the target that counts as met")
+    ap.add_argument("--attain", type=float, default=0.95,
+                    help="fraction of tokens within the latency target that counts as meeting it")
     ap.add_argument("--competitor-schedule", default="middle")
     ap.add_argument("--competitor-kind", choices=("python", "numpy", "memory"), default="python")
     ap.add_argument("--competitor-core", type=int, default=None, help="default: the last usable core; -1: unpinned")
@@ -638,7 +665,8 @@ def main() -> None:
     ap.add_argument("--min-bits", type=float, default=None, help="the controller requests' min_bits")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL (MT-Bench, AlpacaEval) or text, one per line")
+    ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
+                    help="JSONL (MT-Bench, AlpacaEval, prompt/text) or a text file with one prompt per line")
     ap.add_argument("--max-prompts", type=int, default=0, help="use the first N prompts (0: all)")
     ap.add_argument("--warmup-seconds", type=float, default=5.0)
     ap.add_argument("--latency-probe-rounds", type=int, default=3)
@@ -658,7 +686,8 @@ def main() -> None:
         raise KeyboardInterrupt
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # keep nohup's SIGHUP ignored
+            signal.signal(sig, on_signal)
 
     art = open_artifact(args.artifact)
     stored = stored_targets(art)
@@ -668,11 +697,10 @@ def main() -> None:
                          "the controller needs at least two targets: `bitdial calibrate ART --targets 2.5,3,3.5,4 ...`")
     policies = parse_policies(args.policies, stored)
     sweep = args.best_fixed == "sweep"
-    if sweep and any(n == "best-fixed" for n, _, _ in policies):
-        names = {n for n, _, _ in policies}
-        policies = [p for p in policies if p[0] != "best-fixed"] + \
-                   [(f"fixed-{t:g}", "fixed", t) for t in stored if f"fixed-{t:g}" not in names
-                    and not (t == (4.0 if 4.0 in stored else stored[-1]) and "fixed4" in names)]
+    if sweep and any(n == "best-fixed" for n, _, _ in policies):  # a full run of every fixed target instead
+        have = {t for _, p, t in policies if p == "fixed" and t is not None}
+        policies = [x for x in policies if x[0] != "best-fixed"] + \
+                   [(f"fixed-{t:g}", "fixed", t) for t in stored if t not in have]
     intervals = parse_schedule(args.competitor_schedule, args.duration)
     traces = [tr for tr in (load_trace(args.thermal_trace, "thermal", args.duration),
                             load_trace(args.battery_trace, "battery", args.duration)) if tr]
@@ -692,12 +720,13 @@ def main() -> None:
     top = 4.0 if 4.0 in targets else targets[-1]
     if top != 4.0:
         console.print(f"[yellow]no 4.0-bit policy stored: fixed4 runs the highest target, {top:g}[/]")
-    console.print(f"[bold]adaptive control[/]: {Path(args.artifact).name}, targets {', '.join(f'{t:g}' for t in targets)}, "
-                  f"{args.threads} threads, {len(prompts)} prompts, {args.max_tokens} tokens each; competitor "
+    console.print(f"[bold]adaptive control[/]: {Path(args.artifact).name}, targets "
+                  f"{', '.join(f'{t:g}' for t in targets)}, {args.threads} threads, {len(prompts)} prompts, "
+                  f"{args.max_tokens} tokens each; competitor "
                   f"{args.competitor_kind} x{args.competitor_procs} on core {core}, on {intervals or 'never'}")
 
-    common = dict(eng=eng, backend=backend, prompts=prompts, params=params, traces=traces, args=args,
-                  progress=lambda m: console.print(f"  {m}"))
+    common: dict[str, Any] = {"eng": eng, "backend": backend, "prompts": prompts, "params": params,
+                              "traces": traces, "args": args, "progress": lambda m: console.print(f"  {m}")}
     result: dict[str, Any] = {"benchmark": "adaptive_control", "artifact": str(args.artifact),
                               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args),
                               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -707,15 +736,14 @@ def main() -> None:
                                                                  "schedule": args.competitor_schedule,
                                                                  "intervals": intervals},
                               "traces": traces, "policies": {}, "series": {}, "switches": {}}
-    try:
+    with contextlib.suppress(ImportError):
         from bitdial import kernels
 
         result["machine"]["kernel_variant"] = kernels.variant()
-    except Exception:
-        pass
     runs: list[Run] = []
     summaries: dict[str, dict] = {}
     interrupted = False
+    max_ms = args.max_ms_per_token
     try:
         # -- warm up (page in the weights, every target once), then the controller's latency model
         if args.warmup_seconds > 0:
@@ -728,7 +756,6 @@ def main() -> None:
                       + ", ".join(f"{t:g}: {v:.2f} ms" for t, v in latency_ms.items()))
 
         # -- the latency target
-        max_ms = args.max_ms_per_token
         if max_ms is None:
             r = run_policy("calibration", "fixed", top, duration=args.calib_seconds, intervals=[], competitor=None,
                            max_ms=None, latency_ms=latency_ms, **dict(common, traces=[], progress=None))
@@ -793,26 +820,30 @@ def main() -> None:
             time.sleep(args.gap)
             console.print(f"[bold]run {k + 1}/{len(policies)}: {name}[/]"
                           + (f" (fixed {target:g})" if target is not None else ""))
-            run = run_policy(name, policy, target, duration=args.duration, intervals=intervals, competitor=competitor,
-                             max_ms=max_ms, latency_ms=latency_ms, **common)
-            runs.append(run)
-            summaries[name] = summarize(run, max_ms)
+            run_policy(name, policy, target, duration=args.duration, intervals=intervals, competitor=competitor,
+                       max_ms=max_ms, latency_ms=latency_ms, sink=runs, **common)
     except KeyboardInterrupt:
         interrupted = True
-        console.print("[yellow]interrupted: the competitor is stopped; writing what has finished[/]")
+        console.print("[yellow]interrupted: the competitor is stopped; writing what was measured[/]")
     finally:
         kill_all_competitors()
+    runs = [r for r in runs if r.cols["ms"]]
+    for run in runs:
+        summaries[run.name] = summarize(run, max_ms)
+        if not run.complete:
+            summaries[run.name]["partial"] = True  # interrupted: fewer seconds than --duration
 
-    if sweep:  # best-fixed from full runs of every fixed target
+    if sweep:  # best-fixed from full runs of every fixed target: the highest in time with the competitor on
         fixed = [(s["fixed_target"], s) for s in summaries.values() if s["policy"] == "fixed"]
-        ok = [(t, s) for t, s in fixed if (s["all"].get("within") or 0) >= args.attain]
+        ok = [(t, s) for t, s in fixed
+              if ((s["on"] if s["on"]["tokens"] else s["all"]).get("within") or 0) >= args.attain]
         if fixed:
             t, s = max(ok, key=lambda x: x[0]) if ok else min(fixed, key=lambda x: x[0])
             result["best_fixed"] = t
             summaries["best-fixed"] = dict(s, name="best-fixed", chosen_from=s["name"])
 
     if not summaries:
-        console.print("nothing to report")
+        console.print("no policy run has started: nothing to write")
         sys.exit(130 if interrupted else 1)
     result["interrupted"] = interrupted
     result["policies"] = summaries
@@ -823,7 +854,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=_json_default))
+    out.write_text(json.dumps(_finite(result), indent=1, default=str, allow_nan=False))
     print_table(summaries, result)
     if args.plot and runs:
         cfg = ControlConfig()
@@ -835,12 +866,15 @@ def main() -> None:
         sys.exit(130)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+def _finite(o: Any) -> Any:
+    """``o`` with every non-finite float as None (strict JSON; an open-ended competitor period ends at null)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def acceptance(s: dict[str, dict], best: float | None, attain: float) -> dict[str, Any]:
@@ -884,15 +918,17 @@ def print_table(s: dict[str, dict], result: dict) -> None:
         return "-" if x is None else f.format(x)
 
     for name, d in s.items():
-        label = name + (f" ({d['fixed_target']:g})" if d.get("fixed_target") is not None and name != f"fixed-{d['fixed_target']:g}" else "")
+        ft = d.get("fixed_target")
+        label = name + (f" ({ft:g})" if ft is not None and name != f"fixed-{ft:g}" else "")
+        label += " (partial)" if d.get("partial") else ""
         tab.add_row(label, str(d["tokens"]), pct(d["all"].get("within")), pct(d["on"].get("within")),
                     pct(d["off"].get("within")), num(d["all"].get("realized_bits"), "{:.3f}"),
                     num(d["on"].get("realized_bits"), "{:.3f}"), num(d["off"].get("realized_bits"), "{:.3f}"),
                     num(d["on"].get("ms_p95")), num(d["off"].get("ms_p95")), str(d["target_switches"]),
                     num(d["all"].get("tokens_per_s"), "{:.1f}"))
-    Console().print(tab)
+    out = Console(width=None if sys.stdout.isatty() else 150, soft_wrap=True)  # not 80 columns in a pipe
+    out.print(tab)
     acc = result["acceptance"]
-    out = Console()
     if "fixed4_miss_fraction" in acc:
         ok = acc["fixed4_misses_ge_30pct"]
         out.print(f"fixed4 misses {acc['fixed4_miss_fraction']:.1%} of tokens (need >= 30%): "

@@ -409,11 +409,11 @@ def calibrate(artifact, targets: list[float], calib: str | Path, settings: Calib
                 pol = DynamicPolicy(t, rules, s.memory_bits, info)
                 log.info("target %g: expected %.4f bits; estimators %s", t, pol.expected_bits(sizes), info["estimators"])
                 policies.append(pol)
+                if save:  # each target is stored as soon as it is done: an interrupted run keeps its work
+                    save_policies(path, [pol])
     finally:
         _uninstall(model, mixed)
     art.close()
-    if save:
-        save_policies(path, policies)
     return policies
 
 
