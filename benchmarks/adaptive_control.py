@@ -17,7 +17,8 @@ Each run has the same timeline, so the policies see the same conditions:
   ``--probe-seconds`` under the competitor, highest first), given (``--best-fixed 3.0``), or taken from
   full runs of every fixed target (``--best-fixed sweep``);
 * ``rule``, ``bandit``: the precision controller (:mod:`bitdial.control`), wired to the engine exactly as
-  ``bitdial serve`` wires it (:mod:`bitdial.serving.precision`: ``probe_latency`` for its idle latency model,
+  ``bitdial serve`` wires it (:mod:`bitdial.serving.precision`: ``probe_latency`` for its idle latency model
+  — here run with torch on the decode thread count, as ``stream_generate`` decodes —,
   ``ControlAdapter``/``PrecisionSession`` for start/observe/step/end per request), with device telemetry
   (real CPU state, merged with the optional scripted thermal/battery traces, read at most every
   ``--telemetry-interval`` s). A fresh controller per policy run.
@@ -30,7 +31,8 @@ idle and misses it under the competitor. The choice is printed.
 Per decode step it records the time in the run, ms/token, the target in effect, the realized bits, the
 competitor state and the device state (CPU utilization, other processes' cores, the expected slowdown,
 temperature and battery when known). Per policy: the fraction of tokens within the latency target (all,
-competitor on, off), mean realized bits (all, on, off), target switches, ms percentiles. The acceptance
+competitor on, off), mean realized bits (all, on, off: the quality proxy; the stored policies hold no
+expected KL), target switches, ms percentiles. The acceptance
 reading (issue 7): the controller keeps >= 95% of tokens within the target while fixed 4-bit misses >= 30%,
 at realized bits no lower than the best fixed target's. Writes JSON (summaries, the per-step series
 — binned above ``--max-points`` steps per policy —, every target switch with its reason), prints a table
@@ -45,9 +47,10 @@ killed at the end of its period, at the end of every run, on Ctrl-C/SIGTERM (ate
 should this process die without cleaning up — by the kernel (PR_SET_PDEATHSIG) or its own parent check.
 
 ``demo`` traces: the temperature is 55 °C, then 85 °C (over the controller's 80 °C thermal cap) for
-min(60 s, 20% of the run) from 78% of the run (after the default competitor period), then 65 °C; the battery discharges from 60% to 10% over the
-run (below the 20% cap from 80% of it). A trace file is a JSON list or JSONL of ``{"t": s, field: value}``
-records (docs/control.md); each run replays it from t = 0. Fixed policies ignore caps by definition.
+min(60 s, 20% of the run) from 78% of the run (after the default competitor period), then 65 °C; the
+battery discharges from 60% to 10% over the run (below the 20% cap from 80% of it). A trace file is a JSON
+list or JSONL of ``{"t": s, field: value}`` records (docs/control.md); each run replays it from t = 0 over
+the real telemetry (its known fields win). Fixed policies ignore caps by definition.
 
 Smoke test (a tiny artifact, a few seconds per phase):
 

@@ -135,9 +135,10 @@ class ModuleRule:
         if self.step:
             hi = self.estimate(x) > self.live
             R = hi.shape[0]
-            # stochastic-approximation quantile tracking: the live threshold drifts until the module runs
-            # at high on the intended fraction 1 - r of the rows it sees (batches count as at most 8 rows)
-            self.live += self.step * (float(hi.sum()) / R - (1.0 - self.rate_low)) * min(R, 8)
+            # stochastic-approximation quantile tracking: the live threshold drifts until the module runs at
+            # high on the intended fraction 1 - r of the rows it sees (a batch of R rows moves it as min(R, 64)
+            # single rows would: its mean rate is a good estimate)
+            self.live += self.step * (float(hi.sum()) / R - (1.0 - self.rate_low)) * min(R, 64)
             return hi
         return self.estimate(x) > self.threshold
 
