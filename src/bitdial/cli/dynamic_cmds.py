@@ -40,6 +40,8 @@ def calibrate_cmd(
                                                               "linear, jl (random projection) or pca."),
     proj_dim: int = typer.Option(32, "--proj-dim", help="Rows k of a projection estimator."),
     r2_min: float = typer.Option(0.9, "--r2-min", help="Use the linear estimator where its R^2 reaches this."),
+    loss: str = typer.Option("ce", "--loss", help="Training loss: ce (next-token cross-entropy, as DP-LLM) or kl "
+                                                   "(KL divergence from the artifact at its stored maximum)."),
     init: str = typer.Option("target", "--init", help="Start every p_i at the target (DP-LLM) or at the static "
                                                       "plan's width for the target ('plan', needs --profile)."),
     list_: bool = typer.Option(False, "--list", help="List the stored dynamic policies and exit."),
@@ -69,7 +71,7 @@ def calibrate_cmd(
 
         set_threads(threads)
         s = CalibSettings(memory_bits=memory_bits, calib_tokens=calib_tokens, window=window, steps=steps, lr=lr,
-                          alpha=alpha, estimator=estimator, proj_dim=proj_dim, r2_min=r2_min, seed=seed, init=init)
+                          alpha=alpha, estimator=estimator, proj_dim=proj_dim, r2_min=r2_min, seed=seed, init=init, loss=loss)
         prof = None
         if profile is not None:
             from bitdial.artifact import open_artifact

@@ -50,6 +50,7 @@ class CalibSettings:
     alpha: float = 10.0  # weight of the (mean p - target)^2 penalty
     estimator: str = "auto"  # auto (linear where R^2 >= r2_min, else pca) | linear | jl | pca
     init: str = "target"  # p_i starts at the target (DP-LLM) or at the static plan's width ("plan", needs a profile)
+    loss: str = "ce"  # ce: next-token cross-entropy (DP-LLM); kl: KL from the artifact at its stored maximum
     proj_dim: int = 32
     r2_min: float = 0.9
     seed: int = 0
@@ -64,6 +65,8 @@ class CalibSettings:
         for k in ("calib_tokens", "window", "proj_dim"):
             if getattr(self, k) < 2:
                 raise BitdialError(f"{k} must be >= 2, got {getattr(self, k)}")
+        if self.loss not in ("ce", "kl"):
+            raise BitdialError(f"--loss {self.loss!r}: use ce or kl")
         if self.init not in ("target", "plan"):
             raise BitdialError(f"--init {self.init!r}: use target or plan")
         if self.steps < 0 or self.lr <= 0 or self.alpha < 0:
@@ -121,6 +124,7 @@ class MixedLinear(nn.Module):
         self.name = lin.name
         self.z = nn.Parameter(torch.zeros(()))
         self.record: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.teacher = False  # run at the stored maximum (the teacher of --loss kl)
         lin.cache_size = max(lin.cache_size, 3)
 
     def p(self) -> torch.Tensor:
@@ -140,6 +144,8 @@ class MixedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, K] -> [B, T, N]
         bias = self.lin.bias
+        if self.teacher:
+            return F.linear(x, self.lin.qt.dequantize(), bias)
         if self.hi == self.lo:
             return F.linear(x, self.lin.weight_at(self.lo), bias)
         p = self.p()
@@ -217,6 +223,17 @@ def train_precisions(model, mixed: dict[str, MixedLinear], windows: list[torch.T
     _project(mixed, sizes, target)
     params = [m.z for m in mixed.values() if m.hi > m.lo]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    teacher: dict[int, torch.Tensor] = {}
+    if s.loss == "kl":  # log-probs of the artifact at its stored maximum, once per window
+        for m in mixed.values():
+            m.teacher = True
+        with torch.no_grad():
+            for i, w in enumerate(windows[: max(1, s.steps)]):
+                model.max_seq = model.max_batch = 0
+                model.setup_cache(1, w.shape[0])
+                teacher[i] = F.log_softmax(model(w[None], 0)[0, :-1].float(), -1).to(torch.bfloat16)
+        for m in mixed.values():
+            m.teacher = False
     losses = []
     t0 = time.perf_counter()
     for step in range(s.steps):
@@ -225,7 +242,11 @@ def train_precisions(model, mixed: dict[str, MixedLinear], windows: list[torch.T
         model.setup_cache(1, ids.shape[1])
         with torch.enable_grad():
             logits = model(ids, 0)  # [1, T, V]
-            ce = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+            if s.loss == "kl":
+                t_lp = teacher[step % len(windows)].float()
+                ce = (t_lp.exp() * (t_lp - F.log_softmax(logits[0, :-1], -1))).sum(-1).mean()
+            else:
+                ce = F.cross_entropy(logits[0, :-1], ids[0, 1:])
             pen = (_mean_p(mixed, sizes) - target) ** 2
             loss = ce + s.alpha * pen
             opt.zero_grad(set_to_none=True)
