@@ -256,8 +256,8 @@ def train_precisions(model, mixed: dict[str, MixedLinear], windows: list[torch.T
         if progress is not None:
             progress(step + 1, s.steps, losses[-1])
     _project(mixed, sizes, target)
-    return {"steps": s.steps, "ce_first": losses[0] if losses else None,
-            "ce_last": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
+    return {"steps": s.steps, "loss": s.loss, "loss_first": losses[0] if losses else None,
+            "loss_last": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
             "train_seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -409,7 +409,7 @@ def calibrate(artifact, targets: list[float], calib: str | Path, settings: Calib
                 bar.update(f"target {t:g}: training")
 
                 def step(i: int, n: int, ce: float, t=t) -> None:
-                    bar.update(f"target {t:g}: step {i}/{n}, CE {ce:.3f}")
+                    bar.update(f"target {t:g}: step {i}/{n}, {s.loss} {ce:.3f}")
                     bar.advance()
 
                 init = None
