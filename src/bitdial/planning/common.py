@@ -61,11 +61,14 @@ def artifact_identity(art) -> dict[str, Any]:
     """What a profile records about the artifact it was measured on.
 
     ``header_sha256`` is the sha256 of the canonical JSON of the header *without* the ``plans``,
-    ``policies`` and ``created`` keys, together with the tensor table: it identifies the weights and
-    their quantization, and stays valid when plans are added to the artifact.
+    ``policies`` and ``created`` keys, together with the tensor table (without policy tensors): it identifies
+    the weights and their quantization, and stays valid when plans or dynamic policies are added.
     """
     meta = {k: v for k, v in art.meta.items() if k not in ("plans", "policies", "created")}
-    tensors = {n: [e.dtype, list(e.shape), e.start, e.end] for n, e in sorted(art.header.tensors.items())}
+    # dynamic policies add estimator tensors (``policy.*``): not part of the weights' identity
+    meta["checksums"] = {n: v for n, v in meta.get("checksums", {}).items() if not n.startswith("policy.")}
+    tensors = {n: [e.dtype, list(e.shape), e.start, e.end] for n, e in sorted(art.header.tensors.items())
+               if not n.startswith("policy.")}
     blob = json.dumps({"meta": meta, "tensors": tensors}, sort_keys=True, separators=(",", ":")).encode()
     return {"path": str(Path(art.path).resolve()), "header_sha256": hashlib.sha256(blob).hexdigest(),
             "file_bytes": art.file_bytes}
