@@ -628,17 +628,9 @@ def parse_policies(spec: str, targets: list[float]) -> list[tuple[str, str, floa
 
 def measure_latency(model, backend, rounds: int, steps: int) -> dict[float, float]:
     """``probe_latency`` (what `bitdial serve` measures at startup) repeated; the median per target, made
-    monotone in the target again. It runs with torch on ``model.decode_torch_threads`` threads, as
-    ``stream_generate`` decodes: with torch's full thread count next to the kernels' pool, the probe's steps
-    take several times longer than real decode steps (two thread pools spinning on the same cores)."""
-    n = torch.get_num_threads()
-    decode_threads = getattr(model, "decode_torch_threads", None)
-    if decode_threads:
-        torch.set_num_threads(decode_threads)
-    try:
-        runs = [probe_latency(model, backend, steps=steps) for _ in range(rounds)]
-    finally:
-        torch.set_num_threads(n)
+    monotone in the target again (``probe_latency`` runs with the decode thread setting, as ``stream_generate``
+    decodes)."""
+    runs = [probe_latency(model, backend, steps=steps) for _ in range(rounds)]
     out = {t: statistics.median(r[t] for r in runs) for t in backend.targets}
     m = 0.0
     for t in sorted(out):

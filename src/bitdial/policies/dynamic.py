@@ -125,7 +125,7 @@ class ModuleRule:
             e = float(self.estimate(x.reshape(1, -1))[0])
         if self.step:
             hi = e > self.live
-            self.live += self.step * (float(hi) - (1.0 - self.rate_low))
+            self._track(float(hi), 1)
             return hi
         return e > self.threshold
 
@@ -134,13 +134,15 @@ class ModuleRule:
             return torch.ones(x.shape[0], dtype=torch.bool)
         if self.step:
             hi = self.estimate(x) > self.live
-            R = hi.shape[0]
-            # stochastic-approximation quantile tracking: the live threshold drifts until the module runs at
-            # high on the intended fraction 1 - r of the rows it sees (a batch of R rows moves it as min(R, 64)
-            # single rows would: its mean rate is a good estimate)
-            self.live += self.step * (float(hi.sum()) / R - (1.0 - self.rate_low)) * min(R, 64)
+            self._track(float(hi.sum()), hi.shape[0])
             return hi
         return self.estimate(x) > self.threshold
+
+    def _track(self, n_high: float, rows: int) -> None:
+        """Stochastic-approximation quantile tracking: the live threshold drifts until the module runs at
+        high on the intended fraction 1 - r of the rows it sees (a batch of R rows moves it as min(R, 64)
+        single rows would: its mean rate is a good estimate)."""
+        self.live += self.step * (n_high / rows - (1.0 - self.rate_low)) * min(rows, 64)
 
     def set_adapt(self, gain: float) -> None:
         """Track the intended rate online with step ``gain`` x (spread of the calibration estimates)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -142,6 +143,25 @@ class StepInfo:
     position: int  # tokens in the context after this step
 
 
+@contextmanager
+def decode_threads(model: Transformer) -> Iterator[None]:
+    """Run decode steps with torch on ``model.decode_torch_threads`` threads (if set), then restore.
+
+    A model whose linears run in the native kernels' own thread pool does the rest of a decode step (norms,
+    attention over one query) in tiny torch ops: one torch thread keeps two thread pools from spinning
+    against each other on the same cores (docs/kernels.md)."""
+    n = getattr(model, "decode_torch_threads", None)
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _step_bits(model: Transformer) -> float:
     meter = getattr(model, "bits_meter", None)
     return meter.take() if meter is not None else float("nan")
@@ -185,15 +205,8 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[i
         _step_bits(model)  # prefill is not counted in the decode figures
         res.prefill_s = time.perf_counter() - t0
         pos = len(prompt_ids)
-        # a model whose linears run in the native kernels' own thread pool does the rest of a decode step
-        # (norms, attention over one query) in tiny torch ops: one torch thread keeps two thread pools from
-        # spinning against each other on the same cores (docs/kernels.md)
-        torch_threads = torch.get_num_threads()
-        decode_threads = getattr(model, "decode_torch_threads", None)
-        if decode_threads:
-            torch.set_num_threads(decode_threads)
         t1 = ts = time.perf_counter()
-        try:
+        with decode_threads(model):
             while True:
                 if cancel is not None and cancel.is_set():
                     res.finish_reason, res.cancelled = "cancelled", True
@@ -224,9 +237,6 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[i
                 res.decode_steps += 1
                 if step_hook is not None:
                     step_hook(info)
-        finally:
-            if decode_threads:
-                torch.set_num_threads(torch_threads)
         res.decode_s = time.perf_counter() - t1
     if not stopped and not res.cancelled:  # eos or length: emit what the decoders still hold
         tail, hit = matcher.feed(detok.flush())

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from bitdial.errors import BitdialError
-from bitdial.runtime.generate import StepInfo
+from bitdial.runtime.generate import StepInfo, decode_threads
 from bitdial.serving.errors import ApiError, bad_request
 from bitdial.serving.schemas import BitdialOptions
 
@@ -178,12 +178,8 @@ def probe_latency(model: torch.nn.Module, backend: PrecisionBackend, *, steps: i
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt + steps + 1), generator=g)
     out: dict[float, float] = {}
-    torch_threads = torch.get_num_threads()
-    decode_threads = getattr(model, "decode_torch_threads", None)  # as stream_generate decodes
-    if decode_threads:
-        torch.set_num_threads(decode_threads)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), decode_threads(model):  # threads as stream_generate decodes
             for t in backend.targets:
                 backend.apply(t)
                 model.setup_cache(1, prompt + steps + 2)
@@ -196,7 +192,6 @@ def probe_latency(model: torch.nn.Module, backend: PrecisionBackend, *, steps: i
                     times.append(time.perf_counter() - t0)
                 out[t] = statistics.median(times[1:] or times) * 1e3
     finally:
-        torch.set_num_threads(torch_threads)
         backend.apply(None)
         meter = getattr(model, "bits_meter", None)
         if meter is not None:
