@@ -297,12 +297,17 @@ def projection_matrix(D: torch.Tensor, X: torch.Tensor, kind: str, k: int, gen: 
     return A @ D  # [k, K]
 
 
+def _fixed_rule(name: str, bits: int, max_bits: int) -> ModuleRule:
+    """A module with one width: nothing to estimate or decide."""
+    return ModuleRule(name, bits, bits, float(bits), 0.0, "fixed", (1.0, 0.0, 0.0), None, max_bits, {})
+
+
 def fit_rule(name: str, lin, lo: int, hi: int, p: float, max_bits: int, X: torch.Tensor, e: torch.Tensor,
              n_fit: int, s: CalibSettings, gen: torch.Generator) -> ModuleRule:
     """Choose the estimator and threshold of one module from its recorded inputs X [T, K] and exact
     errors e [T]; rows ``[:n_fit]`` fit, the rest are held out."""
     if lo == hi:
-        return ModuleRule(name, lo, hi, float(lo), 0.0, "fixed", (1.0, 0.0, 0.0), None, max_bits, {})
+        return _fixed_rule(name, lo, max_bits)
     n = torch.linalg.vector_norm(X, dim=-1)
     fit, held = slice(0, n_fit), slice(n_fit, None)
     coef_l, r2_lin = _lstsq([n[fit]], e[fit])
@@ -354,7 +359,7 @@ def fit_rules(model, mixed: dict[str, MixedLinear], windows: list[torch.Tensor],
         lo, hi = m.widths()
         p = float(m.p().detach()) if m.hi > m.lo else float(m.lo)
         if lo == hi or not rec:
-            rules[n] = ModuleRule(n, lo, lo, float(lo), 0.0, "fixed", (1.0, 0.0, 0.0), None, m.hi, {})
+            rules[n] = _fixed_rule(n, lo, m.hi)
             continue
         X = torch.cat([r[0] for r in rec])
         e = torch.cat([r[1] for r in rec])
