@@ -30,7 +30,7 @@ import torch
 
 from bitdial.quant.qtensor import QuantizedTensor
 
-__all__ = ["available", "enabled", "isa", "isas", "variant", "variants", "set_isa", "set_threads", "threads",
+__all__ = ["available", "enabled", "generation", "isa", "isas", "variant", "variants", "set_isa", "set_threads", "threads",
            "supports", "gemv", "read_bandwidth", "MAX_ROWS"]
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,12 @@ else:
 
 _ISA_IDS: dict[str, int] = {}
 _warned = False
+_generation = 0  # bumped when the default ISA changes (fused decoders rebuild on it)
+
+
+def generation() -> int:
+    """A counter that changes whenever the default kernel variant changes."""
+    return _generation
 
 
 def _isa_id(name: str) -> int:
@@ -99,8 +105,10 @@ def set_isa(name: str) -> None:
     """Use ``name`` (a family or a variant) by default (ValueError if this CPU or build lacks it)."""
     if _native is None:
         raise RuntimeError(f"bitdial native kernels are not built ({_IMPORT_ERROR})")
+    global _generation
     _isa_id(name)
     _native.set_default_isa(name)
+    _generation += 1
 
 
 def set_threads(n: int) -> int:

@@ -223,6 +223,9 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.max_seq = 0
         self.max_batch = 0
+        # Optional one-token decode seam: fast_decode(ids [1, 1], pos) -> logits [1, 1, V] or None (= run the
+        # modules). The any-precision runtime installs its fused native step here (bitdial/runtime/fused.py).
+        self.fast_decode = None
 
     def setup_cache(self, max_batch: int, max_seq: int) -> None:
         """(Re)allocate the KV caches for up to ``max_batch`` sequences of ``max_seq`` positions."""
@@ -246,6 +249,10 @@ class Transformer(nn.Module):
         B, T = ids.shape
         if pos + T > self.max_seq or B > self.max_batch:
             self.setup_cache(B, max(pos + T, 256))
+        if T == 1 and B == 1 and self.fast_decode is not None:
+            out = self.fast_decode(ids, pos)
+            if out is not None:
+                return out
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # [T, Hd]
         x = self.embed_tokens(ids)  # [B, T, D]
         for layer in self.layers:

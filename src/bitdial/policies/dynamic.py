@@ -369,13 +369,20 @@ class DynamicRuntime:
             m.cache_size = max(m.cache_size, 2)  # batched per-token rows alternate between l and h
         self.target = t
 
+    def _flush(self) -> None:
+        fused = getattr(self.model, "fast_decode", None)
+        if fused is not None and hasattr(fused, "flush"):
+            fused.flush()
+
     def reset_counters(self) -> None:
+        self._flush()
         for p in self.policies.values():
             for r in p.rules.values():
                 r.n_rows = r.n_high = 0
 
     def module_rates(self) -> dict[str, float]:
         """Observed fraction of rows at the high width per module (current target, since the last reset)."""
+        self._flush()
         pol = self.policies[self.target]
         return {n: (r.n_high / r.n_rows if r.n_rows else float("nan")) for n, r in pol.rules.items()}
 

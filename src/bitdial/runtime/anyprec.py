@@ -62,6 +62,7 @@ class AnyPrecisionLinear(nn.Module):
         self.bias = bias
         self.cache_size = cache_size
         self._cache: dict[int, torch.Tensor] = {}
+        self._fused_slot = None  # (int32 tensor, index): the fused decoder's copy of this layer's width
         self.bits = self.max_bits if bits is None else bits
         self.meter: BitsMeter | None = None  # set by build_model for the decoder linears
         self.weights = self.out_features * self.in_features
@@ -75,6 +76,8 @@ class AnyPrecisionLinear(nn.Module):
     @bits.setter
     def bits(self, k: int) -> None:
         self._bits = self.check_bits(k)
+        if self._fused_slot is not None:
+            self._fused_slot[0][self._fused_slot[1]] = self._bits
 
     def check_bits(self, k: int) -> int:
         k = int(k)
@@ -161,7 +164,22 @@ class QuantEmbedding(nn.Module):
             raise BitdialError("quantized embeddings use the uniform method")
         self.qt = qt
         self.max_bits = qt.max_bits
+        self.weights = qt.shape[0] * qt.shape[1]
+        self._fused_slot = None
         self.bits = self.max_bits if bits is None else int(bits)
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @bits.setter
+    def bits(self, k: int) -> None:
+        k = int(k)
+        if not 1 <= k <= self.max_bits:
+            raise BitdialError(f"embed_tokens: {k} bits requested, but it stores 1..{self.max_bits} bits")
+        self._bits = k
+        if self._fused_slot is not None:
+            self._fused_slot[0][self._fused_slot[1]] = k
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         k, qt = self.bits, self.qt
@@ -230,6 +248,10 @@ def build_model(art: Artifact | str | Path, bits: int | Mapping[str, int] | None
         model.decode_torch_threads = 1  # decode: linears in the kernels' pool, the small rest on one torch thread
     for m in dec:
         m.meter = model.bits_meter
+    from bitdial.runtime.fused import FusedDecoder
+
+    fused = FusedDecoder(model)
+    model.fast_decode = None if fused.reason else fused
     return model
 
 

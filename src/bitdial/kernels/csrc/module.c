@@ -13,6 +13,7 @@
 
 #include "bitdial_kernels.h"
 #include "pool.h"
+#include "decode.h"
 
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
@@ -331,6 +332,68 @@ static PyObject *py_dyn_estimate(PyObject *self, PyObject *const *args, Py_ssize
     return PyFloat_FromDouble(dyn_estimate((const float *)xp, K, (const float *)gp, k, a, c, b));
 }
 
+/* ---- the fused decode step (decode.c) ----------------------------------------------------------- */
+
+static void decoder_capsule_free(PyObject *cap) {
+    bd_decoder_free((bd_decoder *)PyCapsule_GetPointer(cap, "bitdial.decoder"));
+}
+
+static PyObject *py_decoder_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "decoder_new(desc_ptr, n, isa) takes 3 ints");
+        return NULL;
+    }
+    uintptr_t dp = (uintptr_t)PyLong_AsUnsignedLongLong(args[0]);
+    long long n = PyLong_AsLongLong(args[1]);
+    int isa = (int)PyLong_AsLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    if (isa < 0) isa = DEFAULT_ISA;
+    if (!dp || isa >= NISA || !ISA_OK[isa]) {
+        PyErr_SetString(PyExc_ValueError, "decoder_new: null descriptor or unavailable ISA");
+        return NULL;
+    }
+    const char *err = NULL;
+    bd_decoder *d = bd_decoder_new((const int64_t *)dp, n, ISAS[isa].ops, &err);
+    if (!d) {
+        PyErr_Format(PyExc_ValueError, "decoder_new: %s", err ? err : "failed");
+        return NULL;
+    }
+    return PyCapsule_New(d, "bitdial.decoder", decoder_capsule_free);
+}
+
+static PyObject *py_decoder_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "decoder_step(decoder, token, pos, logits_ptr) takes 4 arguments");
+        return NULL;
+    }
+    bd_decoder *d = (bd_decoder *)PyCapsule_GetPointer(args[0], "bitdial.decoder");
+    if (!d) return NULL;
+    long long tok = PyLong_AsLongLong(args[1]), pos = PyLong_AsLongLong(args[2]);
+    uintptr_t lp = (uintptr_t)PyLong_AsUnsignedLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (pos < 0 || pos >= d->S_max || tok < 0 || tok >= d->lin[7 * d->L + 1].N || !lp) {
+        PyErr_Format(PyExc_ValueError, "decoder_step: token %lld or position %lld out of range (cache holds %lld)",
+                     tok, pos, (long long)d->S_max);
+        return NULL;
+    }
+    for (int i = 0; i < 7 * d->L + 2; i++) {
+        const int k = d->bits[i];
+        if (k < 1 || k > d->lin[i].B) {
+            PyErr_Format(PyExc_ValueError, "decoder_step: slot %d has %d bits (stores 1..%d)", i, k, d->lin[i].B);
+            return NULL;
+        }
+    }
+    double wb;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&CALL_LOCK);
+    wb = bd_decode_step(d, tok, pos, (float *)lp);
+    pthread_mutex_unlock(&CALL_LOCK);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(wb);
+}
+
 /* ---- configuration ---------------------------------------------------------------------------- */
 
 static PyObject *py_isas(PyObject *self, PyObject *unused) {
@@ -404,6 +467,10 @@ static PyMethodDef METHODS[] = {
      "sum_bytes(ptr, nbytes, isa): reduce a buffer on the thread pool (read-bandwidth probe); returns a checksum"},
     {"dyn_estimate", (PyCFunction)(void (*)(void))py_dyn_estimate, METH_FASTCALL,
      "dyn_estimate(x_ptr, K, G_ptr or 0, k, a, c, b): a*||G x|| + c*||x|| + b for one fp32 row (G fp32 [k, K])"},
+    {"decoder_new", (PyCFunction)(void (*)(void))py_decoder_new, METH_FASTCALL,
+     "decoder_new(desc_ptr, n, isa): a fused decoder from an int64 descriptor (see csrc/decode.h)"},
+    {"decoder_step", (PyCFunction)(void (*)(void))py_decoder_step, METH_FASTCALL,
+     "decoder_step(decoder, token, pos, logits_ptr) -> sum of weights x bits: one token through the decoder"},
     {"isas", py_isas, METH_NOARGS, "((family, variant, supported), ...) in preference order"},
     {"isa_id", py_isa_id, METH_O, "isa_id(family or variant) -> index of the best supported entry (ValueError if none)"},
     {"default_isa", py_default_isa, METH_NOARGS, "(index, family, variant) of the ISA used when isa = -1"},

@@ -1,0 +1,500 @@
+/* The fused decode step: one token through the whole decoder in one native call.
+ *
+ * A decode step of a small model is ~210 GEMVs of a few microseconds each plus ~20 tiny ops per layer
+ * (norms, RoPE, attention over one query, SwiGLU, residuals). Run from Python, the tiny ops and the
+ * per-call overhead cost more than the GEMVs (docs/kernels.md, "Per-call overhead"). Here the whole step
+ * runs in C: per layer four thread-pool jobs (q/k/v together, o, gate/up together, down), the rest on
+ * the calling thread, then the final norm and the output head. The GEMVs are the ISA kernels of
+ * gemv_<isa>.c, the activations are quantized once per input vector and shared by the matrices that
+ * read it (q/k/v, gate/up).
+ *
+ * Everything the step reads is described once by the Python side (bitdial/runtime/fused.py) in one
+ * int64 descriptor array (layout below, DESC_*); the KV cache, the norm weights and the RoPE tables are
+ * the model's own torch tensors, so the torch prefill and this decode share one cache.
+ *
+ * Module slots: decoder linears 7*l + j (j = q, k, v, o, gate, up, down), then lm_head (7L), then the
+ * embedding (7L + 1). Per slot the width comes from `bits` (int32, written by Python whenever a layer's
+ * width changes) unless the slot's dynamic rule is on (rules[slot].on): then the width is h or l by the
+ * DP-LLM estimate of ||(W_h - W_l) x|| against the rule's threshold, decided here per step (the same
+ * arithmetic as bitdial.policies.dynamic.ModuleRule.estimate, in double for the norms). The chosen widths
+ * are written to `chosen` (uint8) and the high decisions counted in `n_high` (int64).
+ */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bitdial_kernels.h"
+#include "decode.h"
+#include "pool.h"
+
+static size_t rup(size_t v, size_t m) { return (v + m - 1) / m * m; }
+
+static int ilog2_exact(int64_t v) {
+    int l = 0;
+    while (((int64_t)1 << l) < v) l++;
+    return ((int64_t)1 << l) == v ? l : -1;
+}
+
+/* ---- small float ops (calling thread; -O3 vectorizes them for the baseline ISA) ---------------- */
+
+static void rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float r = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+/* rotate_half RoPE on one head vector of width hd: cos/sin rows hold [f, f] (both halves). */
+static void rope(float *x, const float *c, const float *s, int hd) {
+    const int h2 = hd / 2;
+    for (int i = 0; i < h2; i++) {
+        const float a = x[i], b = x[i + h2];
+        x[i] = a * c[i] - b * s[i];
+        x[i + h2] = b * c[i + h2] + a * s[i + h2];
+    }
+}
+
+static double norm2(const float *x, int64_t n) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; i++) s += x[i] * x[i];
+    return sqrt((double)s);
+}
+
+/* ---- multi-matrix GEMV job ---------------------------------------------------------------------- */
+
+#define MAXM 3
+
+typedef struct {
+    bd_gemv g[MAXM];
+    int n;
+    int64_t first[MAXM + 1]; /* slice index where matrix m starts */
+    int64_t step[MAXM];      /* rows per slice of matrix m */
+    const bd_isa *isa;
+    _Atomic int64_t next;
+} multi_job;
+
+static void multi_task(void *ctx, int tid, int nth) {
+    (void)tid; (void)nth;
+    multi_job *j = ctx;
+    for (;;) {
+        const int64_t s = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (s >= j->first[j->n]) break;
+        int m = 0;
+        while (s >= j->first[m + 1]) m++;
+        const bd_gemv *a = &j->g[m];
+        const int64_t n0 = (s - j->first[m]) * j->step[m];
+        const int64_t n1 = n0 + j->step[m] < a->N ? n0 + j->step[m] : a->N;
+        j->isa->rows(a, n0, n1);
+    }
+}
+
+#define PAR_MIN_BYTES (48 * 1024)
+
+/* The per-call constants of one matrix at k bits (activation fields are filled by prepare). */
+static void gemv_setup(bd_gemv *a, const bd_lin *L, int k, const float *x, float *y) {
+    a->planes = L->planes;
+    a->scales = L->scales;
+    a->offsets = L->offsets;
+    a->N = L->N;
+    a->K = L->K;
+    a->G = L->G;
+    a->log2G = L->log2G;
+    a->B = L->B;
+    a->k = k;
+    a->RB = (L->K + 7) / 8;
+    a->ng = (L->K + L->G - 1) / L->G;
+    a->pstride = L->N * a->RB;
+    a->L = (float)(1 << (L->B - k));
+    a->h = (a->L - 1.0f) * 0.5f;
+    a->cmid = (float)(1 << (k - 1));
+    a->hmid = a->h + a->L * a->cmid;
+    a->M = 1;
+    a->Mp = 16;
+    a->x = x;
+    a->y = y;
+    a->QB = L->G % 64 == 0 ? 64 : 32;
+    a->Kp = (int64_t)rup((size_t)L->K, 64);
+    a->nu = a->Kp / a->QB;
+    a->nu_pad = (int64_t)rup((size_t)a->nu, 16) + 16;
+    a->ng_pad = (int64_t)rup((size_t)a->ng, 16) + 16;
+}
+
+/* Point a's activation scratch into slot `s` of the decoder's scratch. */
+static void gemv_scratch(bd_gemv *a, bd_decoder *d, int s) {
+    char *base = d->act[s];
+    size_t off = 0;
+    a->xq = (int8_t *)(base + off);
+    off += rup((size_t)a->Kp, 64);
+    a->dx = (float *)(base + off);
+    off += rup((size_t)a->nu_pad * 4, 64);
+    a->qs = (float *)(base + off);
+    off += rup((size_t)a->nu_pad * 4, 64);
+    a->xs = (float *)(base + off);
+    off += rup((size_t)a->ng_pad * 4, 64);
+    a->dxv = (float *)(base + off);
+    off += (size_t)(a->Kp / 64) * 64;
+    a->dxt = (float *)(base + off);
+}
+
+static size_t act_bytes(int64_t K) {
+    /* worst case over group sizes: 32-column blocks and groups */
+    const size_t Kp = rup((size_t)K, 64), nu_pad = rup(Kp / 32, 16) + 16;
+    return Kp + 2 * rup(nu_pad * 4, 64) + rup(nu_pad * 4, 64) + Kp + rup(nu_pad * 16 * 4, 64) + 256;
+}
+
+/* The width of slot i for input x (|x| = nx): static, or the dynamic rule's decision. */
+static int pick_bits(bd_decoder *d, int i, const float *x, double nx) {
+    const double *r = d->rules + (size_t)i * BD_RULE_COLS;
+    if (r[BD_RULE_ON] == 0.0) return d->bits[i];
+    const int lo = (int)r[BD_RULE_LOW], hi = (int)r[BD_RULE_HIGH];
+    if (lo == hi) {
+        d->n_high[i]++;
+        return hi;
+    }
+    double e;
+    const float *G = (const float *)(uintptr_t)d->gptr[2 * i];
+    const int64_t k = d->gptr[2 * i + 1];
+    if (!G) {
+        e = r[BD_RULE_A] * nx + r[BD_RULE_B];
+    } else {
+        const int64_t K = d->lin[i].K;
+        double g2 = 0.0;
+        for (int64_t t = 0; t < k; t++) {
+            const float *row = G + t * K;
+            float acc = 0.f;
+            for (int64_t j = 0; j < K; j++) acc += row[j] * x[j];
+            g2 += (double)acc * acc;
+        }
+        e = r[BD_RULE_A] * sqrt(g2) + r[BD_RULE_C] * nx + r[BD_RULE_B];
+    }
+    if (e > r[BD_RULE_THRESHOLD]) {
+        d->n_high[i]++;
+        return hi;
+    }
+    return lo;
+}
+
+/* y_m = W_m x for the slots in `slots` (all reading the same x of width K); bias added. */
+static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n, const float *x) {
+    multi_job j;
+    j.n = n;
+    j.isa = d->isa;
+    atomic_init(&j.next, 0);
+    double nx = -1.0;
+    int64_t bytes = 0;
+    for (int m = 0; m < n; m++) {
+        const int i = slots[m];
+        const double *r = d->rules + (size_t)i * BD_RULE_COLS;
+        if (r[BD_RULE_ON] != 0.0 && nx < 0.0) nx = norm2(x, d->lin[i].K);
+        const int k = pick_bits(d, i, x, nx);
+        d->chosen[i] = (uint8_t)k;
+        if (i < d->n_dec) d->wb += (double)d->lin[i].N * (double)d->lin[i].K * k;
+        bd_gemv *a = &j.g[m];
+        gemv_setup(a, &d->lin[i], k, x, ys[m]);
+        bytes += (int64_t)k * a->N * a->RB;
+        /* share the quantized activations with an earlier matrix of the same group size */
+        int shared = -1;
+        for (int p = 0; p < m; p++)
+            if (j.g[p].G == a->G) shared = p;
+        if (shared >= 0) {
+            a->xq = j.g[shared].xq; a->dx = j.g[shared].dx; a->qs = j.g[shared].qs;
+            a->xs = j.g[shared].xs; a->dxv = j.g[shared].dxv; a->dxt = j.g[shared].dxt;
+        } else {
+            gemv_scratch(a, d, m);
+            d->isa->prepare(a);
+        }
+    }
+    const int nth = bd_pool_threads();
+    if (bytes < PAR_MIN_BYTES || nth == 1) {
+        for (int m = 0; m < n; m++) d->isa->rows(&j.g[m], 0, j.g[m].N);
+    } else {
+        j.first[0] = 0;
+        for (int m = 0; m < n; m++) {
+            const bd_gemv *a = &j.g[m];
+            /* ~8 slices per thread over the whole job, at least 16 rows (and 32 KiB of planes) each */
+            int64_t step = (a->N * n) / ((int64_t)nth * 8);
+            const int64_t min_rows = 32768 / ((int64_t)a->k * a->RB) + 1;
+            if (step < min_rows) step = min_rows;
+            if (step < 16) step = 16;
+            step = (step + 3) & ~(int64_t)3;
+            j.step[m] = step;
+            j.first[m + 1] = j.first[m] + (a->N + step - 1) / step;
+        }
+        bd_pool_run(multi_task, &j);
+    }
+    for (int m = 0; m < n; m++) {
+        const float *b = d->lin[slots[m]].bias;
+        if (b)
+            for (int64_t t = 0; t < d->lin[slots[m]].N; t++) ys[m][t] += b[t];
+    }
+}
+
+/* ---- attention over one query ------------------------------------------------------------------ */
+
+typedef struct {
+    bd_decoder *d;
+    int layer;
+    int64_t S; /* keys: positions 0..S-1 */
+    _Atomic int next;
+} attn_job;
+
+static void attn_head(bd_decoder *d, int layer, int64_t S, int h, float *sc) {
+    const int hd = d->Hd, grp = d->H / d->Hk, kvh = h / grp;
+    const float *q = d->q + (size_t)h * hd;
+    const float *kc = d->kc[layer] + (size_t)kvh * d->S_max * hd;
+    const float *vc = d->vc[layer] + (size_t)kvh * d->S_max * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        const float *kr = kc + s * hd;
+        float acc = 0.f;
+        for (int t = 0; t < hd; t++) acc += q[t] * kr[t];
+        acc *= scale;
+        sc[s] = acc;
+        if (acc > mx) mx = acc;
+    }
+    double sum = 0.0;
+    for (int64_t s = 0; s < S; s++) {
+        sc[s] = expf(sc[s] - mx);
+        sum += sc[s];
+    }
+    const float inv = (float)(1.0 / sum);
+    float *o = d->att + (size_t)h * hd;
+    for (int t = 0; t < hd; t++) o[t] = 0.f;
+    for (int64_t s = 0; s < S; s++) {
+        const float p = sc[s] * inv;
+        const float *vr = vc + s * hd;
+        for (int t = 0; t < hd; t++) o[t] += p * vr[t];
+    }
+}
+
+static void attn_task(void *ctx, int tid, int nth) {
+    (void)nth;
+    attn_job *j = ctx;
+    float *sc = j->d->scores + (size_t)tid * j->d->S_max;
+    for (;;) {
+        const int h = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (h >= j->d->H) break;
+        attn_head(j->d, j->layer, j->S, h, sc);
+    }
+}
+
+/* ---- the step ---------------------------------------------------------------------------------- */
+
+static void embed_row(const bd_lin *E, int k, int64_t row, float *out) {
+    const int64_t K = E->K, RB = (K + 7) / 8, ng = (K + E->G - 1) / E->G;
+    const float L = (float)(1 << (E->B - k)), h = (L - 1.0f) * 0.5f;
+    const uint16_t *sc = E->scales + row * ng, *of = E->offsets + row * ng;
+    for (int64_t j = 0; j < K; j++) {
+        int c = 0;
+        for (int p = 0; p < k; p++) {
+            const uint8_t byte = E->planes[(size_t)p * E->N * RB + row * RB + (j >> 3)];
+            c = (c << 1) | ((byte >> (j & 7)) & 1);
+        }
+        const int64_t g = j / E->G;
+        out[j] = bd_half_to_float(of[g]) + bd_half_to_float(sc[g]) * ((float)c * L + h);
+    }
+}
+
+double bd_decode_step(bd_decoder *d, int64_t token, int64_t pos, float *logits) {
+    const int D = d->D, H = d->H, Hk = d->Hk, hd = d->Hd;
+    float *x = d->x, *hb = d->hb;
+    d->wb = 0.0;
+    const int E = 7 * d->L + 1;
+    d->chosen[E] = (uint8_t)d->bits[E];
+    embed_row(&d->lin[E], d->bits[E], token, x);
+    const float *cs = d->cos + (size_t)pos * hd, *sn = d->sin + (size_t)pos * hd;
+    const int64_t S = pos + 1;
+    for (int l = 0; l < d->L; l++) {
+        const int base = 7 * l;
+        /* attention */
+        rmsnorm(hb, x, d->attn_norm[l], D, d->eps);
+        float *kv_k = d->kc[l] + (size_t)pos * hd, *kv_v = d->vc[l] + (size_t)pos * hd;
+        {
+            const int slots[3] = {base + 0, base + 1, base + 2};
+            float *const ys[3] = {d->q, d->kn, d->vn};
+            run_linears(d, slots, ys, 3, hb);
+        }
+        for (int h = 0; h < H; h++) {
+            float *qh = d->q + (size_t)h * hd;
+            if (d->q_norm[l]) rmsnorm(qh, qh, d->q_norm[l], hd, d->eps);
+            rope(qh, cs, sn, hd);
+        }
+        for (int h = 0; h < Hk; h++) {
+            float *kh = d->kn + (size_t)h * hd;
+            if (d->k_norm[l]) rmsnorm(kh, kh, d->k_norm[l], hd, d->eps);
+            rope(kh, cs, sn, hd);
+            memcpy(kv_k + (size_t)h * d->S_max * hd, kh, (size_t)hd * 4);
+            memcpy(kv_v + (size_t)h * d->S_max * hd, d->vn + (size_t)h * hd, (size_t)hd * 4);
+        }
+        if (S * H * hd >= 64 * 1024 && bd_pool_threads() > 1) {
+            attn_job aj;
+            aj.d = d;
+            aj.layer = l;
+            aj.S = S;
+            atomic_init(&aj.next, 0);
+            bd_pool_run(attn_task, &aj);
+        } else {
+            for (int h = 0; h < H; h++) attn_head(d, l, S, h, d->scores);
+        }
+        {
+            const int slots[1] = {base + 3};
+            float *const ys[1] = {hb};
+            run_linears(d, slots, ys, 1, d->att);
+        }
+        for (int i = 0; i < D; i++) x[i] += hb[i];
+        /* MLP */
+        rmsnorm(hb, x, d->ffn_norm[l], D, d->eps);
+        {
+            const int slots[2] = {base + 4, base + 5};
+            float *const ys[2] = {d->g, d->u};
+            run_linears(d, slots, ys, 2, hb);
+        }
+        for (int i = 0; i < d->F; i++) {
+            const float g = d->g[i];
+            d->g[i] = g / (1.0f + expf(-g)) * d->u[i];
+        }
+        {
+            const int slots[1] = {base + 6};
+            float *const ys[1] = {hb};
+            run_linears(d, slots, ys, 1, d->g);
+        }
+        for (int i = 0; i < D; i++) x[i] += hb[i];
+    }
+    rmsnorm(hb, x, d->final_norm, D, d->eps);
+    {
+        const int slots[1] = {7 * d->L};
+        float *const ys[1] = {logits};
+        run_linears(d, slots, ys, 1, hb);
+    }
+    return d->wb;
+}
+
+/* ---- construction from the descriptor ------------------------------------------------------------ */
+
+static void *alloc64(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, rup(n ? n : 64, 64)) != 0) return NULL;
+    memset(p, 0, rup(n ? n : 64, 64));
+    return p;
+}
+
+void bd_decoder_free(bd_decoder *d) {
+    if (!d) return;
+    free(d->lin);
+    free(d->attn_norm); free(d->ffn_norm); free(d->q_norm); free(d->k_norm);
+    free(d->kc); free(d->vc);
+    for (int s = 0; s < MAXM; s++) free(d->act[s]);
+    free(d->x); free(d->hb); free(d->q); free(d->kn); free(d->vn); free(d->att);
+    free(d->g); free(d->u); free(d->scores);
+    free(d);
+}
+
+#define P(v) ((const void *)(uintptr_t)(v))
+
+bd_decoder *bd_decoder_new(const int64_t *desc, int64_t n, const bd_isa *isa, const char **err) {
+    *err = "descriptor too short";
+    if (n < DESC_HEAD) return NULL;
+    const int64_t L = desc[DESC_L];
+    const int64_t need = DESC_HEAD + L * DESC_PER_LAYER + (7 * L + 2) * DESC_PER_LIN;
+    if (L < 1 || n != need) {
+        *err = "descriptor length does not match its layer count";
+        return NULL;
+    }
+    bd_decoder *d = calloc(1, sizeof *d);
+    if (!d) { *err = "out of memory"; return NULL; }
+    d->isa = isa;
+    d->L = (int)L;
+    d->D = (int)desc[DESC_D];
+    d->H = (int)desc[DESC_H];
+    d->Hk = (int)desc[DESC_HK];
+    d->Hd = (int)desc[DESC_HD];
+    d->F = (int)desc[DESC_F];
+    d->S_max = desc[DESC_SMAX];
+    float eps;
+    const uint32_t eb = (uint32_t)desc[DESC_EPS_BITS];
+    memcpy(&eps, &eb, 4);
+    d->eps = eps;
+    d->cos = P(desc[DESC_COS]);
+    d->sin = P(desc[DESC_SIN]);
+    d->final_norm = P(desc[DESC_FINAL_NORM]);
+    d->bits = (int32_t *)(uintptr_t)desc[DESC_BITS];
+    d->chosen = (uint8_t *)(uintptr_t)desc[DESC_CHOSEN];
+    d->n_high = (int64_t *)(uintptr_t)desc[DESC_NHIGH];
+    d->rules = (double *)(uintptr_t)desc[DESC_RULES];
+    d->gptr = (int64_t *)(uintptr_t)desc[DESC_GPTR];
+    d->n_dec = 7 * d->L;
+    *err = "bad model sizes";
+    if (d->D < 1 || d->H < 1 || d->Hk < 1 || d->H % d->Hk || d->Hd < 2 || d->Hd % 2 || d->F < 1 || d->S_max < 1 ||
+        !d->cos || !d->sin || !d->final_norm || !d->bits || !d->chosen || !d->n_high || !d->rules || !d->gptr)
+        goto fail;
+    d->attn_norm = calloc(L, sizeof(float *));
+    d->ffn_norm = calloc(L, sizeof(float *));
+    d->q_norm = calloc(L, sizeof(float *));
+    d->k_norm = calloc(L, sizeof(float *));
+    d->kc = calloc(L, sizeof(float *));
+    d->vc = calloc(L, sizeof(float *));
+    const int nlin = 7 * d->L + 2;
+    d->lin = calloc(nlin, sizeof(bd_lin));
+    *err = "out of memory";
+    if (!d->attn_norm || !d->ffn_norm || !d->q_norm || !d->k_norm || !d->kc || !d->vc || !d->lin) goto fail;
+    const int64_t *p = desc + DESC_HEAD;
+    for (int l = 0; l < d->L; l++, p += DESC_PER_LAYER) {
+        d->attn_norm[l] = P(p[0]);
+        d->ffn_norm[l] = P(p[1]);
+        d->q_norm[l] = P(p[2]);
+        d->k_norm[l] = P(p[3]);
+        d->kc[l] = (float *)(uintptr_t)p[4];
+        d->vc[l] = (float *)(uintptr_t)p[5];
+        *err = "null norm or cache pointer";
+        if (!d->attn_norm[l] || !d->ffn_norm[l] || !d->kc[l] || !d->vc[l]) goto fail;
+    }
+    int64_t kmax = 0;
+    for (int i = 0; i < nlin; i++, p += DESC_PER_LIN) {
+        bd_lin *W = &d->lin[i];
+        W->planes = P(p[0]);
+        W->scales = P(p[1]);
+        W->offsets = P(p[2]);
+        W->bias = P(p[3]);
+        W->N = p[4];
+        W->K = p[5];
+        W->G = (int)p[6];
+        W->B = (int)p[7];
+        W->log2G = ilog2_exact(p[6]);
+        *err = "a linear has a null pointer, bad sizes or a group size that is not a power of two >= 32";
+        if (!W->planes || !W->scales || !W->offsets || W->N < 1 || W->K < 1 || W->B < 1 || W->B > 8 || W->G < 32 ||
+            W->log2G < 0)
+            goto fail;
+        if (W->K > kmax) kmax = W->K;
+    }
+    /* shapes the step relies on */
+    const int qd = d->H * d->Hd, kd = d->Hk * d->Hd;
+    *err = "linear shapes do not match the model config";
+    for (int l = 0; l < d->L; l++) {
+        const bd_lin *w = d->lin + 7 * l;
+        if (w[0].N != qd || w[0].K != d->D || w[1].N != kd || w[1].K != d->D || w[2].N != kd || w[2].K != d->D ||
+            w[3].N != d->D || w[3].K != qd || w[4].N != d->F || w[4].K != d->D || w[5].N != d->F ||
+            w[5].K != d->D || w[6].N != d->D || w[6].K != d->F)
+            goto fail;
+    }
+    if (d->lin[7 * d->L].K != d->D || d->lin[7 * d->L + 1].K != d->D) goto fail;
+    *err = "out of memory";
+    for (int s = 0; s < MAXM; s++)
+        if (!(d->act[s] = alloc64(act_bytes(kmax)))) goto fail;
+    d->x = alloc64((size_t)d->D * 4);
+    d->hb = alloc64((size_t)(d->D > qd ? d->D : qd) * 4);
+    d->q = alloc64((size_t)qd * 4);
+    d->kn = alloc64((size_t)kd * 4);
+    d->vn = alloc64((size_t)kd * 4);
+    d->att = alloc64((size_t)qd * 4);
+    d->g = alloc64((size_t)d->F * 4);
+    d->u = alloc64((size_t)d->F * 4);
+    d->scores = alloc64((size_t)BD_POOL_MAX * d->S_max * 4);
+    if (!d->x || !d->hb || !d->q || !d->kn || !d->vn || !d->att || !d->g || !d->u || !d->scores) goto fail;
+    *err = NULL;
+    return d;
+fail:
+    bd_decoder_free(d);
+    return NULL;
+}

@@ -1,0 +1,66 @@
+/* The fused decode step (decode.c): one token through every layer of the decoder in one call.
+ *
+ * Descriptor (int64 array, built by bitdial/runtime/fused.py; pointers are data_ptr() values):
+ *   [0 .. DESC_HEAD)                      model: DESC_* below
+ *   then L x DESC_PER_LAYER               attn_norm, ffn_norm, q_norm (0 = none), k_norm (0 = none),
+ *                                         k cache, v cache (fp32 [Hk, S_max, Hd] of sequence 0)
+ *   then (7L + 2) x DESC_PER_LIN          planes, scales, offsets, bias (0 = none), N, K, G, B
+ *                                         for slots 7l+j (q,k,v,o,gate,up,down), 7L = lm_head, 7L+1 = embedding
+ * Shared arrays (owned by Python, read or written at every step):
+ *   bits   int32 [7L + 2]                 static width of each slot
+ *   chosen uint8 [7L + 2]                 width each slot ran at in the last step
+ *   n_high int64 [7L + 2]                 steps at the high width (dynamic slots), counted up
+ *   rules  float64 [7L + 2, BD_RULE_COLS] dynamic rule of each slot (on = 0: static width)
+ *   gptr   int64 [7L + 2, 2]              (fp32 G [k, K] pointer or 0, k) of each slot's estimator
+ */
+#ifndef BITDIAL_DECODE_H
+#define BITDIAL_DECODE_H
+
+#include <stdint.h>
+
+#include "bitdial_kernels.h"
+
+enum {
+    DESC_L, DESC_D, DESC_H, DESC_HK, DESC_HD, DESC_F, DESC_SMAX, DESC_EPS_BITS, DESC_COS, DESC_SIN,
+    DESC_FINAL_NORM, DESC_BITS, DESC_CHOSEN, DESC_NHIGH, DESC_RULES, DESC_GPTR,
+    DESC_HEAD
+};
+#define DESC_PER_LAYER 6
+#define DESC_PER_LIN 8
+
+enum { BD_RULE_ON, BD_RULE_LOW, BD_RULE_HIGH, BD_RULE_THRESHOLD, BD_RULE_A, BD_RULE_C, BD_RULE_B, BD_RULE_COLS };
+
+typedef struct {
+    const uint8_t *planes;
+    const uint16_t *scales, *offsets;
+    const float *bias;
+    int64_t N, K;
+    int G, log2G, B;
+} bd_lin;
+
+typedef struct {
+    const bd_isa *isa;
+    int L, D, H, Hk, Hd, F, n_dec;
+    int64_t S_max;
+    float eps;
+    const float *cos, *sin, *final_norm;
+    const float **attn_norm, **ffn_norm, **q_norm, **k_norm;
+    float **kc, **vc;
+    bd_lin *lin;
+    int32_t *bits;
+    uint8_t *chosen;
+    int64_t *n_high;
+    double *rules;
+    int64_t *gptr;
+    double wb; /* sum over the decoder linears of weights x bits in this step */
+    char *act[3];
+    float *x, *hb, *q, *kn, *vn, *att, *g, *u, *scores;
+} bd_decoder;
+
+bd_decoder *bd_decoder_new(const int64_t *desc, int64_t n, const bd_isa *isa, const char **err);
+void bd_decoder_free(bd_decoder *d);
+/* Runs token at position pos (the KV cache holds positions < pos); writes logits [V]; returns the
+   step's sum of weights x bits over the decoder linears. Caller holds the kernel call lock. */
+double bd_decode_step(bd_decoder *d, int64_t token, int64_t pos, float *logits);
+
+#endif

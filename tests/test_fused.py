@@ -1,0 +1,167 @@
+"""The fused native decode step (bitdial/runtime/fused.py, csrc/decode.c) against the module path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bitdial.kernels as BK
+from bitdial.artifact import QuantSettings, write_artifact
+from bitdial.loading import LoadedModel
+from bitdial.policies.dynamic import DynamicPolicy, DynamicRuntime, ModuleRule
+from bitdial.runtime.anyprec import build_model, set_bits
+from conftest import make_tiny
+
+pytestmark = pytest.mark.skipif(not BK.available(), reason="native kernels not built")
+
+
+def _variant_model(tokenizer, kind: str) -> LoadedModel:
+    if kind == "odd":  # K not a multiple of 64, N odd, 3 heads over 1 KV head, untied head
+        src = make_tiny(tokenizer, dim=96, n_layers=2, n_heads=3, n_kv_heads=1, hidden=165, vocab=300, tie=False)
+    else:
+        src = make_tiny(tokenizer, vocab=400)
+    if kind == "qwen":  # q/k/v biases (Qwen2) and q/k norms (Qwen3) on the same model
+        cfg = src.config
+        cfg.qkv_bias, cfg.qk_norm = True, True
+        g = torch.Generator().manual_seed(3)
+        hd = cfg.dim // cfg.n_heads
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}.self_attn"
+            src.tensors[f"{p}.q_proj.bias"] = 0.1 * torch.randn(cfg.n_heads * hd, generator=g)
+            src.tensors[f"{p}.k_proj.bias"] = 0.1 * torch.randn(cfg.n_kv_heads * hd, generator=g)
+            src.tensors[f"{p}.v_proj.bias"] = 0.1 * torch.randn(cfg.n_kv_heads * hd, generator=g)
+            src.tensors[f"{p}.q_norm.weight"] = 1 + 0.1 * torch.randn(hd, generator=g)
+            src.tensors[f"{p}.k_norm.weight"] = 1 + 0.1 * torch.randn(hd, generator=g)
+    return src
+
+
+@pytest.fixture(scope="module", params=["llama", "odd", "qwen"])
+def art_path(request, smol, tmp_path_factory):
+    src = _variant_model(smol.tokenizer, request.param)
+    p = tmp_path_factory.mktemp("fused") / f"{request.param}.bitdial"
+    G = 64 if request.param == "odd" else 32
+    write_artifact(src, p, QuantSettings(group_size=G, clip="none"), progress=False, source_hash=False)
+    return p
+
+
+def _run(model, prompt, steps, fused: bool):
+    """Prefill (torch) then `steps` greedy decode steps; logits of every decode step."""
+    keep = model.fast_decode
+    model.fast_decode = keep if fused else None
+    try:
+        with torch.inference_mode():
+            model.setup_cache(1, 64)
+            logits = model(torch.tensor([prompt]), 0, last_only=True)[0, -1]
+            out, pos = [], len(prompt)
+            for _ in range(steps):
+                tok = int(logits.argmax())
+                logits = model(torch.tensor([[tok]]), pos)[0, -1]
+                out.append(logits.clone())
+                pos += 1
+        return torch.stack(out)
+    finally:
+        model.fast_decode = keep
+
+
+def _close(a, b):
+    """Same kernels, same widths: float rounding only. A rounding difference can flip one int8 activation
+    code in an early layer, which moves the logits of that step by up to ~1% of their range at 2 bits."""
+    scale = b.abs().max()
+    d = (a - b).abs()
+    assert d.max() <= 2e-2 * scale, float(d.max() / scale)
+    assert d.mean() <= 1e-3 * scale, float(d.mean() / scale)
+
+
+def test_fused_is_installed(art_path):
+    model = build_model(art_path, 4)
+    assert model.fast_decode is not None and model.fast_decode.reason is None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_fused_matches_module_path(art_path, bits):
+    model = build_model(art_path, bits)
+    prompt = [5, 17, 42, 7, 99, 3]
+    _close(_run(model, prompt, 6, True), _run(model, prompt, 6, False))
+
+
+def test_fused_every_variant(art_path):
+    model = build_model(art_path, 3)
+    prompt = [11, 2, 300 % model.config.vocab_size]
+    ref = _run(model, prompt, 4, False)
+    before = BK.variant()
+    try:
+        for v in BK.variants():
+            BK.set_isa(v)
+            _close(_run(model, prompt, 4, True), ref)
+    finally:
+        BK.set_isa(before)
+
+
+def test_fused_follows_width_changes(art_path):
+    model = build_model(art_path, 4)
+    prompt = [1, 2, 3, 4]
+    set_bits(model, {"layers.0.*": 2, "*.mlp.down_proj": 6, "default": 3})
+    model.embed_tokens.bits = 5
+    model.lm_head.bits = 7
+    fused = _run(model, prompt, 5, True)
+    assert model.fast_decode.last_bits()["layers.0.self_attn.q_proj"] == 2
+    assert model.fast_decode.last_bits()["layers.1.mlp.down_proj"] == 6
+    assert model.fast_decode.last_bits()["lm_head"] == 7
+    _close(fused, _run(model, prompt, 5, False))
+    # the meter sees the same realized bits on both paths
+    model.bits_meter.take()
+    _run(model, prompt, 1, True)
+    b_fused = model.bits_meter.take()
+    _run(model, prompt, 1, False)
+    b_mod = model.bits_meter.take()
+    assert b_fused == pytest.approx(b_mod, rel=1e-9)
+
+
+def _policy(model, target, with_proj: bool) -> DynamicPolicy:
+    """A hand-made dynamic policy: every decoder linear between 2 and 4 bits (3 and 4 for the o/down
+    projections), thresholds picked so that both widths occur."""
+    g = torch.Generator().manual_seed(7)
+    rules = {}
+    for n, m in model.linears().items():
+        if n == "lm_head":
+            continue
+        lo, hi = (3, 4) if n.endswith(("o_proj", "down_proj")) else (2, 4)
+        if with_proj and n.endswith(("q_proj", "gate_proj")):
+            G = torch.randn(8, m.in_features, generator=g)
+            rules[n] = ModuleRule(n, lo, hi, (lo + hi) / 2, 1.0, "pca", (0.2, 0.1, -0.05), G, 4)
+        else:
+            rules[n] = ModuleRule(n, lo, hi, (lo + hi) / 2, 2.0, "linear", (0.3, 0.0, 0.0), None, 4)
+    return DynamicPolicy(target, rules)
+
+
+@pytest.mark.parametrize("with_proj", [False, True])
+def test_fused_dynamic_matches_module_path(art_path, with_proj):
+    model = build_model(art_path, 4)
+    dyn = DynamicRuntime(model, {3.0: _policy(model, 3.0, with_proj)})
+    prompt = [9, 8, 7, 6, 5]
+    # thresholds near the median estimate of each module on this input, so decisions really vary
+    dyn.reset_counters()
+    fused = _run(model, prompt, 8, True)
+    rates_fused = dyn.module_rates()
+    dyn.reset_counters()
+    ref = _run(model, prompt, 8, False)
+    rates_mod = dyn.module_rates()
+    _close(fused, ref)
+    assert rates_fused == pytest.approx(rates_mod, nan_ok=True)
+    # switching the target off returns to the static widths in the fused step
+    dyn.set_target(None)
+    _close(_run(model, prompt, 3, True), _run(model, prompt, 3, False))
+    assert set(model.fast_decode.last_bits()[n] for n in dyn.lin) == {4}
+
+
+def test_fused_cache_reallocation(art_path):
+    model = build_model(art_path, 4)
+    a = _run(model, [1, 2, 3], 3, True)
+    model.setup_cache(1, 400)  # a bigger cache: new tensors, the descriptor is rebuilt
+    _close(_run(model, [1, 2, 3], 3, True), a)
+
+
+def test_fused_off_without_kernels(art_path, monkeypatch):
+    model = build_model(art_path, 4)
+    monkeypatch.setattr(BK, "enabled", False)
+    assert model.fast_decode(torch.tensor([[1]]), 0) is None
