@@ -6,8 +6,9 @@ the build runs on any CPU of the architecture; the ISA is picked at run time):
     gemv_avx512_gfni.c  -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512vbmi -mgfni -mf16c -mfma
     gemv_avx512.c       -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512vbmi -mf16c -mfma   (x86-64)
     gemv_avx2.c         -mavx2 -mfma -mf16c                                                 (x86-64)
+    dequant_avx512.c    dequant.c again with -mavx512f -mavx512bw -mavx512vl -mfma -mf16c     (x86-64)
     gemv_neon.c    baseline NEON, and again with +dotprod when the compiler knows it        (aarch64)
-    gemv_ref.c, pool.c, decode.c, module.c: portable C
+    gemv_ref.c, pool.c, decode.c, dequant.c, module.c: portable C
 
 The extension is optional: without a working C compiler the package still installs and
 ``bitdial.kernels`` falls back to the torch reference path (with a warning).
@@ -45,6 +46,7 @@ def isa_units() -> list[tuple[str, list[str]]]:
             ("gemv_avx512_gfni.c", avx512 + ["-mgfni"]),
             ("gemv_avx512.c", avx512),
             ("gemv_avx2.c", ["-mavx2", "-mfma", "-mf16c"]),
+            ("dequant_avx512.c", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"]),
         ]
     if m == "aarch64":
         return [
@@ -79,9 +81,9 @@ class BuildNative(build_ext):
 
 native = Extension(
     "bitdial.kernels._native",
-    sources=[os.path.join(CSRC, f) for f in ("module.c", "pool.c", "decode.c", "gemv_ref.c")],
+    sources=[os.path.join(CSRC, f) for f in ("module.c", "pool.c", "decode.c", "dequant.c", "gemv_ref.c")],
     include_dirs=[CSRC],
-    depends=[os.path.join(CSRC, f) for f in ("bitdial_kernels.h", "pool.h", "decode.h", "avx512_common.h", "gemv_avx512.c",
+    depends=[os.path.join(CSRC, f) for f in ("bitdial_kernels.h", "pool.h", "decode.h", "dequant.h", "dequant.c", "avx512_common.h", "gemv_avx512.c",
                                               "gemv_avx512_gfni.c", "gemv_avx2.c", "gemv_neon.c", "gemv_neon_dot.c")],
     extra_compile_args=COMMON_FLAGS,
     extra_link_args=["-pthread"],

@@ -64,6 +64,8 @@ def model_logits_fn(model: torch.nn.Module) -> LogitsFn:
     allocated *outside* inference mode, so the model stays usable by code that runs it under
     ``torch.no_grad()`` afterwards (inference tensors reject in-place updates outside inference mode).
     """
+    from bitdial.runtime.anyprec import prefill_dtype
+
     if not callable(model) or not hasattr(model, "setup_cache"):
         raise TypeError(f"model_logits_fn needs a bitdial Transformer (with setup_cache), got {type(model).__name__}")
 
@@ -71,7 +73,7 @@ def model_logits_fn(model: torch.nn.Module) -> LogitsFn:
         if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != 1:
             raise ValueError(f"expected token ids of shape [1, T], got {getattr(ids, 'shape', type(ids))}")
         model.setup_cache(1, int(ids.shape[1]))
-        with torch.inference_mode():
+        with torch.inference_mode(), prefill_dtype(model, torch.float32):  # exact k-bit weights
             return model(ids, 0).float()
 
     return logits_fn

@@ -31,7 +31,7 @@ import torch
 from bitdial.quant.qtensor import QuantizedTensor
 
 __all__ = ["available", "enabled", "generation", "isa", "isas", "variant", "variants", "set_isa", "set_threads", "threads",
-           "supports", "gemv", "read_bandwidth", "MAX_ROWS"]
+           "supports", "gemv", "dequant", "fast_bf16", "read_bandwidth", "MAX_ROWS"]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,46 @@ def _prepare(qt: QuantizedTensor) -> tuple:
     c = (qt.planes, qt.scales, qt.offsets, ptrs, N, K, qt.group_size, qt.max_bits)
     qt.__dict__["_bd_native"] = c
     return c
+
+
+def dequant(qt: QuantizedTensor, k: int, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``n0:n1`` of the k-bit view into ``out`` (fp32 or bf16 [n1 - n0, K], contiguous), on the kernel
+    threads: the prefill path dequantizes tiles with it and multiplies them with torch's GEMM. fp32 output
+    equals ``qt.dequantize(k)[n0:n1]`` exactly; bf16 is that rounded to nearest even."""
+    c = qt.__dict__.get("_bd_native")
+    if c is None or c[0] is not qt.planes or c[1] is not qt.scales or c[2] is not qt.offsets:
+        c = _prepare(qt)
+    N, K, G, B = c[4], c[5], c[6], c[7]
+    if c[3] is None:
+        w = qt.dequantize(k)[n0:n1]
+        return out.copy_(w)
+    if not 1 <= k <= B:
+        raise ValueError(f"k must be in 1..{B}, got {k}")
+    if not 0 <= n0 < n1 <= N:
+        raise ValueError(f"row range {n0}:{n1} is outside 0:{N}")
+    if (out.dtype not in (torch.float32, torch.bfloat16) or out.shape != (n1 - n0, K) or not out.is_contiguous()
+            or not out.is_cpu):
+        raise ValueError(f"out must be a contiguous fp32 or bf16 CPU tensor [{n1 - n0}, {K}], got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    _native.dequant(c[3][0], c[3][1], c[3][2], N, K, G, B, k, n0, n1, out.data_ptr(), int(out.dtype == torch.bfloat16))
+    return out
+
+
+def fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16: torch's oneDNN GEMM
+    then runs 3-4x faster in bf16 than in fp32, so the prefill path uses bf16 tiles by default)."""
+    global _FAST_BF16
+    if _FAST_BF16 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+            _FAST_BF16 = "amx_bf16" in flags or "avx512_bf16" in flags
+        except OSError:
+            _FAST_BF16 = False
+    return _FAST_BF16
+
+
+_FAST_BF16: bool | None = None
 
 
 def read_bandwidth(buf: torch.Tensor, isa: str | None = None) -> int:

@@ -131,6 +131,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(w[f"{prefix}.q_norm.weight"], cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(w[f"{prefix}.k_norm.weight"], cfg.norm_eps) if cfg.qk_norm else None
         self.cache: KVCache | None = None
+        self.prefill_sdpa_dtype: torch.dtype | None = None  # e.g. bf16: batched attention in that dtype
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
         B, T, _ = x.shape  # [B, T, D]
@@ -147,6 +148,9 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin  # cos/sin: [T, Hd]
         k = k * cos + rotate_half(k) * sin
         k, v = self.cache.update(pos, k, v)  # [B, Hk, S, Hd]
+        dt = self.prefill_sdpa_dtype
+        if T > 1 and dt is not None and dt != q.dtype:  # faster batched attention (bf16 GEMM tiles)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if T == 1:  # decode: the one new query sees everything cached
             o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         elif pos == 0:  # prefill from the start: plain causal mask
@@ -155,7 +159,7 @@ class Attention(nn.Module):
             S = k.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=pos)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # [B, T, H*Hd]
+        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd).to(x.dtype)  # [B, T, H*Hd]
         return self.o_proj(o)  # [B, T, D]
 
 

@@ -14,6 +14,7 @@
 #include "bitdial_kernels.h"
 #include "pool.h"
 #include "decode.h"
+#include "dequant.h"
 
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
@@ -394,6 +395,78 @@ static PyObject *py_decoder_step(PyObject *self, PyObject *const *args, Py_ssize
     return PyFloat_FromDouble(wb);
 }
 
+/* ---- prefill: dequantize a row range of a k-bit view (dequant.c) ---------------------------------- */
+
+typedef struct {
+    const bd_dequant *a;
+    int64_t n0, n1, step;
+    void (*rows)(const bd_dequant *, int64_t, int64_t);
+    _Atomic int64_t next;
+} dq_job;
+
+static void (*dequant_impl(void))(const bd_dequant *, int64_t, int64_t) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (strcmp(ISAS[DEFAULT_ISA].name, "avx512") == 0) return bd_dequant_rows_avx512;
+#endif
+    return bd_dequant_rows;
+}
+
+static void dq_task(void *ctx, int tid, int nth) {
+    (void)tid; (void)nth;
+    dq_job *j = ctx;
+    for (;;) {
+        const int64_t r = atomic_fetch_add_explicit(&j->next, j->step, memory_order_relaxed) + j->n0;
+        if (r >= j->n1) break;
+        j->rows(j->a, r, r + j->step < j->n1 ? r + j->step : j->n1);
+    }
+}
+
+static PyObject *py_dequant(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out, bf16) takes 12 ints");
+        return NULL;
+    }
+    long long v[12];
+    for (int i = 0; i < 12; i++) {
+        v[i] = PyLong_AsLongLong(args[i]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    bd_dequant a;
+    a.planes = (const uint8_t *)(uintptr_t)v[0];
+    a.scales = (const uint16_t *)(uintptr_t)v[1];
+    a.offsets = (const uint16_t *)(uintptr_t)v[2];
+    a.N = v[3]; a.K = v[4]; a.G = (int)v[5]; a.B = (int)v[6]; a.k = (int)v[7];
+    const int64_t n0 = v[8], n1 = v[9];
+    a.out = (void *)(uintptr_t)v[10];
+    a.bf16 = v[11] != 0;
+    a.row0 = n0;
+    if (!a.planes || !a.scales || !a.offsets || !a.out || a.N < 1 || a.K < 1 || a.B < 1 || a.B > 8 || a.k < 1 ||
+        a.k > a.B || a.G < 32 || a.G % 32 || n0 < 0 || n1 > a.N || n0 >= n1) {
+        PyErr_SetString(PyExc_ValueError, "dequant: bad pointers, sizes, widths or row range");
+        return NULL;
+    }
+    dq_job j;
+    j.a = &a;
+    j.n0 = n0;
+    j.n1 = n1;
+    j.rows = dequant_impl();
+    atomic_init(&j.next, 0);
+    const int64_t rows = n1 - n0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&CALL_LOCK);
+    if (rows * a.K < 65536 || bd_pool_threads() == 1) {
+        j.rows(&a, n0, n1);
+    } else {
+        int64_t step = rows / ((int64_t)bd_pool_threads() * 4);
+        j.step = step < 8 ? 8 : step;
+        bd_pool_run(dq_task, &j);
+    }
+    pthread_mutex_unlock(&CALL_LOCK);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* ---- configuration ---------------------------------------------------------------------------- */
 
 static PyObject *py_isas(PyObject *self, PyObject *unused) {
@@ -471,6 +544,8 @@ static PyMethodDef METHODS[] = {
      "decoder_new(desc_ptr, n, isa): a fused decoder from an int64 descriptor (see csrc/decode.h)"},
     {"decoder_step", (PyCFunction)(void (*)(void))py_decoder_step, METH_FASTCALL,
      "decoder_step(decoder, token, pos, logits_ptr) -> sum of weights x bits: one token through the decoder"},
+    {"dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL,
+     "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out_ptr, bf16): rows n0..n1 of the k-bit view"},
     {"isas", py_isas, METH_NOARGS, "((family, variant, supported), ...) in preference order"},
     {"isa_id", py_isa_id, METH_O, "isa_id(family or variant) -> index of the best supported entry (ValueError if none)"},
     {"default_isa", py_default_isa, METH_NOARGS, "(index, family, variant) of the ISA used when isa = -1"},
