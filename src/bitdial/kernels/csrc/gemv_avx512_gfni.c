@@ -133,6 +133,23 @@ BD_INLINE void gdecode_chunk(const bd_gemv *a, const __m512i c, int64_t j, int j
     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), f, *acc);
 }
 
+/* Plain k-bit codes of chunk ch (64 columns) of one row from mask registers, as gemv_avx512.c does: for a
+ * short partial last block this is cheaper than the block transpose, which costs the same for 1 chunk as
+ * for 8. Reads only bytes of the row (a partial load at the end of the row). */
+#define TAIL_MASK_CHUNKS 2
+BD_INLINE __m512i mask_codes(const uint8_t *row, int64_t ps, int64_t ch, int64_t RB, int k) {
+    __m512i c = _mm512_setzero_si512();
+    const int64_t b0 = 8 * ch;
+    const int nb = RB - b0 >= 8 ? 8 : (int)(RB - b0);
+    for (int p = 0; p < k; p++) {
+        uint64_t bits;
+        if (nb == 8) memcpy(&bits, row + p * ps + b0, 8);
+        else bits = bd_load_partial(row + p * ps + b0, nb);
+        c = _mm512_mask_add_epi8(c, _cvtu64_mask64(bits), c, _mm512_set1_epi8((char)(1 << (k - 1 - p))));
+    }
+    return c;
+}
+
 /* One row: returns the 16-lane vector whose lane sum is y[n]. When the groups are the x blocks
  * (G == QB: G = 32 or 64) the offset term sum_g a_g X_g is folded into the window loop, sharing the
  * scale load; otherwise it is a separate pass over the groups. */
@@ -147,7 +164,7 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
     const __m512 cs = code_scale(SLOTS(k), qb64), hmid = _mm512_set1_ps(a->hmid);
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     __m512 off = _mm512_setzero_ps();
-    float fac[16] __attribute__((aligned(64)));
+    float fac[16] __attribute__((aligned(64))), raw[16] __attribute__((aligned(64)));
     for (int64_t J0 = 0; J0 < nblk; J0 += BPF) {
         const int64_t u0 = 16 * J0 / BPF;
         __m512 f;
@@ -162,6 +179,7 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
             f = unit_factors_vec(a, s16, u0, idx_const ? idx0 : unit_group_idx(a, u0), a->dx);
         }
         acc[0] = _mm512_fnmadd_ps(f, _mm512_loadu_ps(a->qs + u0), acc[0]); /* centering */
+        if (SLOTS(k) != 8 && J0 + BPF >= nblk && nblk > nfull) store_factors(raw, f); /* tail chunks: plain codes */
         store_factors(fac, SLOTS(k) == 8 ? f : _mm512_mul_ps(f, cs));
         for (int64_t J = J0; J < J0 + BPF && J < nblk; J++) {
             __m512i c[8];
@@ -170,11 +188,17 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
 #pragma GCC unroll 8
                 for (int q = 0; q < 8; q++) gdecode_chunk(a, c[q], 8 * J + q, (int)(8 * (J - J0)) + q, fac, &acc[q & 3], qb64);
             } else { /* the last, partial block */
-                block_codes(row, ps, J, (int)(RB - 64 * J), k, SLOTS(k), c);
                 const int nc = (int)(nch - 8 * J);
+                if (nc <= TAIL_MASK_CHUNKS) { /* a short tail (K = 576: one chunk): per-chunk mask codes */
+                    for (int q = 0; q < nc; q++)
+                        gdecode_chunk(a, mask_codes(row, ps, 8 * J + q, RB, k), 8 * J + q, (int)(8 * (J - J0)) + q,
+                                      SLOTS(k) == 8 ? fac : raw, &acc[q & 3], qb64);
+                } else {
+                    block_codes(row, ps, J, (int)(RB - 64 * J), k, SLOTS(k), c);
 #pragma GCC unroll 8
-                for (int q = 0; q < 8; q++)
-                    if (q < nc) gdecode_chunk(a, c[q], 8 * J + q, (int)(8 * (J - J0)) + q, fac, &acc[q & 3], qb64);
+                    for (int q = 0; q < 8; q++)
+                        if (q < nc) gdecode_chunk(a, c[q], 8 * J + q, (int)(8 * (J - J0)) + q, fac, &acc[q & 3], qb64);
+                }
             }
         }
     }

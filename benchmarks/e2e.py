@@ -1,0 +1,196 @@
+"""End-to-end decode and prefill speed: bitdial at uniform k = 2..8 against llama.cpp on the same machine.
+
+    python benchmarks/e2e.py --artifact smol.bitdial [--gguf SRC.gguf] [--bits 2,3,4,5,6,8] [--threads 2]
+        [--runs 5] [--new-tokens 64] [--prefill-tokens 512] [--types Q8_0,Q5_0,Q4_0,Q3_K_S,Q2_K] [--fp32]
+        [--out benchmarks/results/e2e_default.json]
+
+Both engines run in this one process, one after the other, on the same thread count; every figure is the
+median of ``--runs``. bitdial: the artifact built at k bits for every linear, the head and the embedding
+(``--head-bits`` pins the head instead), decode through the fused native step, prefill of
+``--prefill-tokens`` tokens through the tiled bf16/fp32 path (``--prefill-dtype``). llama.cpp: the
+``llama-cpp-python`` bindings (optional: ``pip install llama-cpp-python``, built from source with native
+flags), on the types of similar size quantized from ``--gguf`` (default: the artifact's source) with
+llama.cpp's own quantizer; tg = greedy decode of ``--new-tokens`` tokens one at a time, pp = one batch of
+``--prefill-tokens`` tokens. ``--fp32`` adds bitdial's dense fp32 decoder on the GGUF. Quantized GGUFs are
+cached next to ``--work`` (default /tmp/bitdial-e2e).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import bitdial.kernels as BK
+from bitdial.artifact import open_artifact
+from bitdial.runtime.anyprec import build_model
+
+ROOT = Path(__file__).resolve().parent
+LLAMA_FTYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+                "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+console = Console(stderr=True)
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def time_bitdial(model, new: int, pp: int, runs: int, vocab: int) -> tuple[float, float]:
+    """(decode tok/s, prefill tok/s), medians."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, 16), generator=g)
+    long = torch.randint(0, vocab, (1, pp), generator=g)
+    dec, pre = [], []
+    with torch.inference_mode():
+        model.setup_cache(1, max(pp, 16 + new) + 8)
+        for r in range(runs + 1):
+            logits = model(prompt, 0, last_only=True)[0, -1]
+            t = time.perf_counter()
+            for i in range(new):
+                tok = int(torch.argmax(logits))
+                logits = model(torch.tensor([[tok]]), 16 + i)[0, -1]
+            dt = time.perf_counter() - t
+            t = time.perf_counter()
+            model(long, 0, last_only=True)
+            pt = time.perf_counter() - t
+            if r:  # the first run warms caches and page-ins
+                dec.append(new / dt)
+                pre.append(pp / pt)
+    return med(dec), med(pre)
+
+
+def llama_quantized(src: Path, kind: str, work: Path) -> Path:
+    import llama_cpp
+
+    if kind == "source":
+        return src
+    out = work / f"{src.stem}.{kind}.gguf"
+    if not out.is_file():
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype = LLAMA_FTYPES[kind]
+        p.allow_requantize = True
+        p.nthread = 2
+        tmp = out.with_suffix(".tmp")
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(p))
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {src} to {kind} (rc {rc})")
+        os.replace(tmp, out)
+    return out
+
+
+def time_llama(path: Path, threads: int, new: int, pp: int, runs: int, vocab: int) -> tuple[float, float]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=max(pp, 16 + new) + 8, n_batch=pp, n_ubatch=pp, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (16,), generator=g).tolist()
+    long = torch.randint(0, vocab, (pp,), generator=g).tolist()
+    dec, pre = [], []
+    for r in range(runs + 1):
+        llm.reset()
+        llm.eval(prompt)
+        t = time.perf_counter()
+        for _ in range(new):
+            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+            llm.eval([tok])
+        dt = time.perf_counter() - t
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(long)
+        pt = time.perf_counter() - t
+        if r:
+            dec.append(new / dt)
+            pre.append(pp / pt)
+    del llm
+    return med(dec), med(pre)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifact", required=True)
+    ap.add_argument("--gguf", default=None, help="source GGUF for llama.cpp (default: the artifact's source)")
+    ap.add_argument("--bits", default="2,3,4,5,6,8")
+    ap.add_argument("--head-bits", type=int, default=None, help="pin the output head (default: k, like the rest)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--prefill-dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    ap.add_argument("--types", default="Q8_0,Q5_0,Q4_0,Q3_K_S,Q2_K", help="llama.cpp types ('' = skip llama.cpp)")
+    ap.add_argument("--fp32", action="store_true", help="also time bitdial's dense fp32 decoder on the GGUF")
+    ap.add_argument("--work", default="/tmp/bitdial-e2e")
+    ap.add_argument("--out", default=str(ROOT / "results" / "e2e_default.json"))
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    BK.set_threads(args.threads)
+    art = open_artifact(args.artifact)
+    vocab = art.config.vocab_size
+    src = Path(args.gguf or art.meta.get("source", {}).get("path", ""))
+    pdt = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.prefill_dtype]
+    rows = []
+    for k in [int(b) for b in args.bits.split(",") if b]:
+        model = build_model(art, {"default": k, "lm_head": args.head_bits or k, "embed_tokens": k}, prefill_dtype=pdt)
+        d, p = time_bitdial(model, args.new_tokens, args.prefill_tokens, args.runs, vocab)
+        bpw = sum(art.qtensor(n).bytes_read(k) for n in art.modules) * 8 / sum(
+            art.modules[n]["shape"][0] * art.modules[n]["shape"][1] for n in art.modules)
+        rows.append({"engine": "bitdial", "type": f"uniform {k}-bit", "bits": k, "bits_per_weight_read": bpw,
+                     "decode_tps": d, "prefill_tps": p, "prefill_dtype": str(model.prefill.dtype).split(".")[-1]})
+        console.log(f"bitdial k={k}: decode {d:.1f} tok/s, prefill {p:.0f} tok/s")
+        del model
+    if args.fp32:
+        from bitdial.loading import load_model
+        from bitdial.model.llama import Transformer
+
+        lm = load_model(src)
+        dense = Transformer(lm.config, dict(lm.tensors)).eval().fuse()
+        d, p = time_bitdial(dense, args.new_tokens, args.prefill_tokens, args.runs, vocab)
+        rows.append({"engine": "bitdial", "type": "fp32 (dense)", "bits": 32, "decode_tps": d, "prefill_tps": p})
+        console.log(f"bitdial fp32: decode {d:.1f}, prefill {p:.0f}")
+        del dense, lm
+    types = [t for t in args.types.split(",") if t]
+    llama_version = None
+    if types:
+        try:
+            import llama_cpp
+
+            llama_version = llama_cpp.__version__
+        except ImportError:
+            console.log("llama-cpp-python is not installed: llama.cpp columns skipped")
+            types = []
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for t in types:
+        path = llama_quantized(src, t, work)
+        d, p = time_llama(path, args.threads, args.new_tokens, args.prefill_tokens, args.runs, vocab)
+        rows.append({"engine": "llama.cpp", "type": t, "file_mib": path.stat().st_size / 2**20, "decode_tps": d,
+                     "prefill_tps": p})
+        console.log(f"llama.cpp {t}: decode {d:.1f} tok/s, prefill {p:.0f} tok/s")
+
+    table = Table(title=f"{Path(args.artifact).name}: {args.threads} threads, medians of {args.runs}")
+    for c in ("engine", "type", "decode tok/s", f"pp{args.prefill_tokens} tok/s"):
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(r["engine"], r["type"], f"{r['decode_tps']:.1f}", f"{r['prefill_tps']:.0f}")
+    Console().print(table)
+    out = {"artifact": str(args.artifact), "source": str(src), "threads": args.threads, "runs": args.runs,
+           "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens, "kernel_variant": BK.variant(),
+           "llama_cpp_python": llama_version, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+           "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    console.log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
