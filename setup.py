@@ -7,6 +7,7 @@ the build runs on any CPU of the architecture; the ISA is picked at run time):
     gemv_avx512.c       -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512vbmi -mf16c -mfma   (x86-64)
     gemv_avx2.c         -mavx2 -mfma -mf16c                                                 (x86-64)
     dequant_avx512.c    dequant.c again with -mavx512f -mavx512bw -mavx512vl -mfma -mf16c     (x86-64)
+    decode_avx512.c     decode.c again, the same flags                                        (x86-64)
     gemv_neon.c    baseline NEON, and again with +dotprod when the compiler knows it        (aarch64)
     gemv_ref.c, pool.c, decode.c, dequant.c, module.c: portable C
 
@@ -47,6 +48,7 @@ def isa_units() -> list[tuple[str, list[str]]]:
             ("gemv_avx512.c", avx512),
             ("gemv_avx2.c", ["-mavx2", "-mfma", "-mf16c"]),
             ("dequant_avx512.c", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"]),
+            ("decode_avx512.c", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"]),
         ]
     if m == "aarch64":
         return [
@@ -83,7 +85,7 @@ native = Extension(
     "bitdial.kernels._native",
     sources=[os.path.join(CSRC, f) for f in ("module.c", "pool.c", "decode.c", "dequant.c", "gemv_ref.c")],
     include_dirs=[CSRC],
-    depends=[os.path.join(CSRC, f) for f in ("bitdial_kernels.h", "pool.h", "decode.h", "dequant.h", "dequant.c", "avx512_common.h", "gemv_avx512.c",
+    depends=[os.path.join(CSRC, f) for f in ("bitdial_kernels.h", "pool.h", "decode.h", "dequant.h", "dequant.c", "decode.c", "avx512_common.h", "gemv_avx512.c",
                                               "gemv_avx512_gfni.c", "gemv_avx2.c", "gemv_neon.c", "gemv_neon_dot.c")],
     extra_compile_args=COMMON_FLAGS,
     extra_link_args=["-pthread"],

@@ -44,28 +44,40 @@ def med(xs):
     return statistics.median(xs)
 
 
-def time_bitdial(model, new: int, pp: int, runs: int, vocab: int) -> tuple[float, float]:
-    """(decode tok/s, prefill tok/s), medians."""
+def time_bitdial(model, new: int, pp: int, runs: int, vocab: int) -> tuple[float, float, dict]:
+    """(decode tok/s, prefill tok/s, where the decode time went), medians."""
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, 16), generator=g)
     long = torch.randint(0, vocab, (1, pp), generator=g)
-    dec, pre = [], []
+    dec, pre, split = [], [], []
+    fused = getattr(model, "fast_decode", None)
     with torch.inference_mode():
         model.setup_cache(1, max(pp, 16 + new) + 8)
         for r in range(runs + 1):
             logits = model(prompt, 0, last_only=True)[0, -1]
+            if fused is not None:
+                fused.stats()
             t = time.perf_counter()
             for i in range(new):
                 tok = int(torch.argmax(logits))
                 logits = model(torch.tensor([[tok]]), 16 + i)[0, -1]
             dt = time.perf_counter() - t
+            if fused is not None:
+                s = fused.stats()
+                native_s = s["step_ms"] * s["steps"] / 1e3
+                split.append({"native_share": native_s / dt, "gemv_share_of_native": s["gemv_share"]})
             t = time.perf_counter()
             model(long, 0, last_only=True)
             pt = time.perf_counter() - t
             if r:  # the first run warms caches and page-ins
                 dec.append(new / dt)
                 pre.append(pp / pt)
-    return med(dec), med(pre)
+    where = {}
+    if split:
+        native = med([s["native_share"] for s in split[1:] or split])
+        gemv = med([s["gemv_share_of_native"] for s in split[1:] or split])
+        where = {"outside_native_step": 1 - native, "gemv_jobs": native * gemv, "other_native": native * (1 - gemv)}
+    return med(dec), med(pre), where
 
 
 def llama_quantized(src: Path, kind: str, work: Path) -> Path:
@@ -137,15 +149,17 @@ def main() -> None:
     art = open_artifact(args.artifact)
     vocab = art.config.vocab_size
     src = Path(args.gguf or art.meta.get("source", {}).get("path", ""))
-    pdt = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.prefill_dtype]
+    pdt = {"auto": torch.bfloat16 if BK.fast_bf16() else torch.float32, "bf16": torch.bfloat16,
+           "fp32": torch.float32}[args.prefill_dtype]  # auto: what generation uses for the prompt
     rows = []
     for k in [int(b) for b in args.bits.split(",") if b]:
         model = build_model(art, {"default": k, "lm_head": args.head_bits or k, "embed_tokens": k}, prefill_dtype=pdt)
-        d, p = time_bitdial(model, args.new_tokens, args.prefill_tokens, args.runs, vocab)
+        d, p, where = time_bitdial(model, args.new_tokens, args.prefill_tokens, args.runs, vocab)
         bpw = sum(art.qtensor(n).bytes_read(k) for n in art.modules) * 8 / sum(
             art.modules[n]["shape"][0] * art.modules[n]["shape"][1] for n in art.modules)
         rows.append({"engine": "bitdial", "type": f"uniform {k}-bit", "bits": k, "bits_per_weight_read": bpw,
-                     "decode_tps": d, "prefill_tps": p, "prefill_dtype": str(model.prefill.dtype).split(".")[-1]})
+                     "decode_tps": d, "prefill_tps": p, "prefill_dtype": str(model.prefill.dtype).split(".")[-1],
+                     "decode_time_split": where})
         console.log(f"bitdial k={k}: decode {d:.1f} tok/s, prefill {p:.0f} tok/s")
         del model
     if args.fp32:
@@ -154,7 +168,7 @@ def main() -> None:
 
         lm = load_model(src)
         dense = Transformer(lm.config, dict(lm.tensors)).eval().fuse()
-        d, p = time_bitdial(dense, args.new_tokens, args.prefill_tokens, args.runs, vocab)
+        d, p, _ = time_bitdial(dense, args.new_tokens, args.prefill_tokens, args.runs, vocab)
         rows.append({"engine": "bitdial", "type": "fp32 (dense)", "bits": 32, "decode_tps": d, "prefill_tps": p})
         console.log(f"bitdial fp32: decode {d:.1f}, prefill {p:.0f}")
         del dense, lm
@@ -178,10 +192,12 @@ def main() -> None:
         console.log(f"llama.cpp {t}: decode {d:.1f} tok/s, prefill {p:.0f} tok/s")
 
     table = Table(title=f"{Path(args.artifact).name}: {args.threads} threads, medians of {args.runs}")
-    for c in ("engine", "type", "decode tok/s", f"pp{args.prefill_tokens} tok/s"):
+    for c in ("engine", "type", "decode tok/s", f"pp{args.prefill_tokens} tok/s", "decode: Python / GEMV / other C"):
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(r["engine"], r["type"], f"{r['decode_tps']:.1f}", f"{r['prefill_tps']:.0f}")
+        w = r.get("decode_time_split") or {}
+        split = (f"{w['outside_native_step']:.0%} / {w['gemv_jobs']:.0%} / {w['other_native']:.0%}" if w else "")
+        table.add_row(r["engine"], r["type"], f"{r['decode_tps']:.1f}", f"{r['prefill_tps']:.0f}", split)
     Console().print(table)
     out = {"artifact": str(args.artifact), "source": str(src), "threads": args.threads, "runs": args.runs,
            "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens, "kernel_variant": BK.variant(),

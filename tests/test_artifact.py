@@ -66,7 +66,7 @@ def test_model_runs_at_every_width_and_map(tiny_art, tiny):
         ref = dense(ids).log_softmax(-1)
         kls = []
         for k in range(2, 9):
-            out = build_model(art, k)(ids).log_softmax(-1)
+            out = build_model(art, k)(ids).log_softmax(-1)  # fp32 tiles: the exact k-bit weights
             kls.append((ref.exp() * (ref - out)).sum(-1).mean().item())
         assert all(a > b for a, b in zip(kls, kls[1:])), kls  # more bits, closer to full precision
         assert kls[-1] < 1e-3

@@ -165,3 +165,32 @@ def test_fused_off_without_kernels(art_path, monkeypatch):
     model = build_model(art_path, 4)
     monkeypatch.setattr(BK, "enabled", False)
     assert model.fast_decode(torch.tensor([[1]]), 0) is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "odd", "qwen"])
+def test_fused_dense_fp32_matches_module_path(smol, kind):
+    from bitdial.model.llama import Transformer
+    from bitdial.runtime.fused import install_dense
+
+    src = _variant_model(smol.tokenizer, kind)
+    model = Transformer(src.config, src.tensors).eval().fuse()
+    assert install_dense(model) and model.fast_decode.dense
+    prompt = [3, 1, 4, 1, 5, 9]
+    a, b = _run(model, prompt, 6, True), _run(model, prompt, 6, False)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()  # fp32 throughout: rounding only
+
+
+def test_fused_dense_real_model(smol_model):
+    from bitdial.runtime.fused import FusedDecoder
+
+    fused = FusedDecoder(smol_model)
+    assert fused.reason is None
+    keep = smol_model.fast_decode
+    smol_model.fast_decode = fused
+    try:
+        prompt = [1, 504, 3458, 314, 260]
+        a, b = _run(smol_model, prompt, 4, True), _run(smol_model, prompt, 4, False)
+    finally:
+        smol_model.fast_decode = keep
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

@@ -94,3 +94,23 @@ def test_model_prefill_dtypes(smol, tmp_path):
     assert (ybf.argmax(-1) == yref.argmax(-1)).float().mean() > 0.9
     with pytest.raises(Exception, match="float32 or bfloat16"):
         model.prefill.dtype = torch.float16
+
+
+def test_generation_prompt_uses_generation_dtype(smol, tmp_path):
+    from conftest import tiny_artifact
+
+    from bitdial.runtime.generate import SamplingParams, generate
+
+    p = tiny_artifact(tmp_path / "g.bitdial", smol.tokenizer)
+    model = build_model(p, 4, generation_prefill_dtype=torch.bfloat16)
+    seen = []
+    orig = model.prefill.convert
+
+    def spy(x):
+        seen.append(model.prefill.dtype)
+        return orig(x)
+
+    model.prefill.convert = spy
+    generate(model, smol.tokenizer, list(range(1, 30)), SamplingParams(max_tokens=3, stop_ids=[]))
+    assert seen and set(seen) == {torch.bfloat16}  # the prompt ran in bf16 tiles
+    assert model.prefill.dtype == torch.float32  # and direct calls are back to exact fp32

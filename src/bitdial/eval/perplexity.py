@@ -73,7 +73,7 @@ def model_logits_fn(model: torch.nn.Module) -> LogitsFn:
         if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != 1:
             raise ValueError(f"expected token ids of shape [1, T], got {getattr(ids, 'shape', type(ids))}")
         model.setup_cache(1, int(ids.shape[1]))
-        with torch.inference_mode(), prefill_dtype(model, torch.float32):  # exact k-bit weights
+        with torch.inference_mode(), prefill_dtype(model, torch.float32):  # exact k-bit weights, whatever is set
             return model(ids, 0).float()
 
     return logits_fn

@@ -54,20 +54,22 @@ class BitsMeter:
 class PrefillSettings:
     """How batched inputs (prefill, more than ``kernels.MAX_ROWS`` rows) run, shared by a model's layers.
 
-    ``dtype``: ``torch.bfloat16`` multiplies bf16 tiles of the k-bit view with torch's GEMM (oneDNN; AMX or
-    AVX512-BF16 where present, 3-4x faster than fp32 here; the default where the CPU has them) or
-    ``torch.float32`` (exact k-bit weights; what evaluation uses). ``tile_bytes``: size of the reused tile
-    buffer; the whole float weight is never materialized. ``native=False`` sends batches to the cached
-    whole-weight torch reference path instead."""
+    ``dtype`` (for direct model calls: evaluation, calibration, profiling): ``torch.float32`` (the default:
+    the exact k-bit weights) or ``torch.bfloat16`` (bf16 tiles and attention through torch's GEMM: oneDNN,
+    AMX or AVX512-BF16 where present, 3-4x faster than fp32 here). ``generation_dtype``: what
+    ``stream_generate`` uses for the prompt (default: bf16 where the CPU multiplies bf16 natively, else
+    fp32). ``tile_bytes``: size of the reused tile buffer; the whole float weight is never materialized.
+    ``native=False`` sends batches to the cached whole-weight torch reference path instead."""
 
     def __init__(self, dtype: torch.dtype | None = None, tile_bytes: int = 2 << 20, native: bool = True,
-                 model: Transformer | None = None) -> None:
+                 model: Transformer | None = None, generation_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.tile_bytes = int(tile_bytes)
         self.native = native
         self._x = self._xs = None  # the last input and its conversion (q/k/v and gate/up share an input)
         self._ver = -1
-        self.dtype = torch.bfloat16 if dtype is None and _kernels.fast_bf16() else (dtype or torch.float32)
+        self.dtype = dtype or torch.float32
+        self.generation_dtype = generation_dtype or (torch.bfloat16 if _kernels.fast_bf16() else torch.float32)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -294,14 +296,16 @@ def _parse_bits(bits: int | Mapping[str, int] | None, names: list[str], art: Art
 
 def build_model(art: Artifact | str | Path, bits: int | Mapping[str, int] | None = None,
                 *, head_bits: int | None = None, embed_bits: int | None = None,
-                prefill_dtype: torch.dtype | None = None) -> Transformer:
+                prefill_dtype: torch.dtype | None = None,
+                generation_prefill_dtype: torch.dtype | None = None) -> Transformer:
     """A decoder whose linears are AnyPrecisionLinear over the artifact's planes.
 
     ``bits``: one width for every module, or a ``{module pattern: bits}`` map (with an optional
     ``"default"``); modules not covered run at their maximum. ``embed_tokens`` and ``lm_head`` follow the
     map like any module; a plain int leaves them at their stored maximum unless ``head_bits`` /
-    ``embed_bits`` say otherwise. ``prefill_dtype``: see :class:`PrefillSettings` (default: bf16 where the
-    CPU multiplies bf16 natively, else fp32).
+    ``embed_bits`` say otherwise. ``prefill_dtype`` / ``generation_prefill_dtype``: see
+    :class:`PrefillSettings` (default fp32 for direct calls; generation's prompt in bf16 where the CPU
+    multiplies bf16 natively).
     """
     if not isinstance(art, Artifact):
         art = open_artifact(art)
@@ -335,7 +339,7 @@ def build_model(art: Artifact | str | Path, bits: int | Mapping[str, int] | None
         model.decode_torch_threads = 1  # decode: linears in the kernels' pool, the small rest on one torch thread
     for m in dec:
         m.meter = model.bits_meter
-    model.prefill = PrefillSettings(prefill_dtype, model=model)
+    model.prefill = PrefillSettings(prefill_dtype, model=model, generation_dtype=generation_prefill_dtype)
     for m in model.linears().values():
         if isinstance(m, AnyPrecisionLinear):
             m.prefill = model.prefill

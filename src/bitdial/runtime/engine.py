@@ -88,7 +88,11 @@ class Engine:
                 raise BitdialError("--bits/--bits-map/--plan/--dynamic need a .bitdial artifact; quantize the model "
                                    "first with `bitdial quantize`")
             src = load_model(path)
-            eng = cls(Transformer(src.config, src.tensors).eval().fuse(), src.tokenizer, src.source, src)
+            from bitdial.runtime.fused import install_dense
+
+            model = Transformer(src.config, src.tensors).eval().fuse()
+            install_dense(model)  # the fp32 decode step in one native call (bitdial/runtime/fused.py)
+            eng = cls(model, src.tokenizer, src.source, src)
         eng.load_s = time.perf_counter() - t0
         log.info("loaded %s in %.1f s", eng.source, eng.load_s)
         return eng

@@ -21,7 +21,9 @@ It follows the model's state without being told:
   a reallocated cache rebuilds the descriptor.
 
 It returns None (the caller then runs the module path) when the kernels are disabled or missing, or when
-any linear cannot run natively (non-uniform method, unsupported group size).
+any linear cannot run natively (non-uniform method, unsupported group size). A dense fp32 model (every
+linear a ``DenseLinear``) runs the same step with fp32 GEMVs (the fp32 decoder of ``Engine`` for GGUF and
+HF sources; ``install_dense``).
 """
 
 from __future__ import annotations
@@ -43,8 +45,21 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def install_dense(model) -> bool:
+    """Give a dense fp32 decoder the fused native step (True if it could); its decode then runs torch on one
+    thread beside the kernel pool, like an artifact model's."""
+    fused = FusedDecoder(model)
+    if fused.reason:
+        log.debug("fused fp32 decode off: %s", fused.reason)
+        return False
+    model.fast_decode = fused
+    model.decode_torch_threads = 1
+    return True
+
+
 class FusedDecoder:
     def __init__(self, model) -> None:
+        from bitdial.model.llama import DenseLinear, Embedding
         from bitdial.runtime.anyprec import AnyPrecisionLinear, QuantEmbedding
 
         self.model = model
@@ -58,10 +73,14 @@ class FusedDecoder:
             mods += [getattr(a, n) if n in PROJ[:4] else getattr(m, n) for n in PROJ]
         mods += [model.lm_head, model.embed_tokens]
         self.mods = mods
+        self.dense = all(type(m) is DenseLinear for m in mods[:-1]) and type(mods[-1]) is Embedding
         if not _kernels.available():
             self.reason = "the native kernels are not built"
+        elif self.dense:
+            if not all(m.weight.dtype == torch.float32 and m.weight.is_contiguous() for m in mods):
+                self.reason = "a dense weight is not contiguous fp32"
         elif not all(isinstance(m, AnyPrecisionLinear) for m in mods[:-1]) or not isinstance(mods[-1], QuantEmbedding):
-            self.reason = "not every linear is an any-precision layer"
+            self.reason = "the linears are neither all any-precision layers nor all dense fp32"
         elif not all(_kernels.supports(m.qt) for m in mods):
             self.reason = "a layer cannot run natively (non-uniform method or unsupported group size)"
         if self.reason:
@@ -75,9 +94,11 @@ class FusedDecoder:
         self.gptr = torch.zeros(n, 2, dtype=torch.int64)
         self.steps = 0  # fused steps with dynamic rules since the last counter flush
         for i, m in enumerate(mods):
-            self.bits[i] = m.bits
-            m._fused_slot = (self.bits, i)
-        self.weights = [m.weights for m in mods[:7 * L]]
+            if self.dense:
+                self.bits[i] = 32
+            else:
+                self.bits[i] = m.bits
+                m._fused_slot = (self.bits, i)
         self._rule_key = None
         self._rule_cache: dict = {}
         self._handle = None
@@ -104,11 +125,16 @@ class FusedDecoder:
                      _ptr(a.q_norm.weight) if a.q_norm is not None else 0,
                      _ptr(a.k_norm.weight) if a.k_norm is not None else 0, _ptr(c.k), _ptr(c.v)]
         for mod in self.mods:
-            qt = mod.qt
             bias = getattr(mod, "bias", None)
             if bias is not None:
-                bias = bias.to(torch.float32).contiguous()
+                bias = bias.detach().to(torch.float32).contiguous()
                 keep.append(bias)
+            if self.dense:  # B = 0: a dense fp32 weight (csrc/decode.h)
+                w = mod.weight.detach()
+                N, K = w.shape
+                head += [_ptr(w), 0, 0, _ptr(bias), N, K, 0, 0]
+                continue
+            qt = mod.qt
             N, K = qt.shape
             head += [_ptr(qt.planes), _ptr(qt.scales), _ptr(qt.offsets), _ptr(bias), N, K, qt.group_size, qt.max_bits]
         self._desc = torch.tensor(head, dtype=torch.int64)
@@ -146,7 +172,7 @@ class FusedDecoder:
 
     def flush(self) -> None:
         """Add the fused steps' decisions to the dynamic rules' counters (``n_rows``, ``n_high``)."""
-        if self.reason or not self.steps or self._rule_key is None:
+        if self.reason or self.dense or not self.steps or self._rule_key is None:
             self.steps = 0
             return
         pol = self._rule_cache[self._rule_key][3]
@@ -165,7 +191,7 @@ class FusedDecoder:
         if self.reason or not _kernels.enabled:
             return None
         m = self.model
-        dyn = getattr(m, "dynamic", None)
+        dyn = None if self.dense else getattr(m, "dynamic", None)
         key = None
         if dyn is not None and dyn.target is not None:
             if dyn.adapt:
@@ -193,6 +219,14 @@ class FusedDecoder:
             meter.bit_rows += wb
             meter.rows += 1.0
         return logits
+
+    def stats(self) -> dict[str, float]:
+        """Where the fused steps' time went since the last call (then reset): steps, ms per step inside the
+        native call, and the share of it in the GEMV jobs (quantize activations + kernels + thread pool)."""
+        if self._handle is None:
+            return {"steps": 0, "step_ms": float("nan"), "gemv_share": float("nan")}
+        n, tot, gemv = _kernels._native.decoder_stats(self._handle)
+        return {"steps": n, "step_ms": tot / n / 1e6 if n else float("nan"), "gemv_share": gemv / tot if tot else float("nan")}
 
     def last_bits(self) -> dict[str, int]:
         """The width each module ran at in the last fused step."""

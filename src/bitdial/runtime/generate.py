@@ -162,6 +162,23 @@ def decode_threads(model: Transformer) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def _generation_prefill(model: Transformer) -> Iterator[None]:
+    """The prompt of a generation runs in the model's ``prefill.generation_dtype`` (bf16 tiles where the CPU
+    multiplies bf16 natively: bitdial.runtime.anyprec.PrefillSettings); other calls keep ``prefill.dtype``."""
+    s = getattr(model, "prefill", None)
+    gen = getattr(s, "generation_dtype", None)
+    if gen is None or gen == s.dtype:
+        yield
+        return
+    before = s.dtype
+    s.dtype = gen
+    try:
+        yield
+    finally:
+        s.dtype = before
+
+
 def _step_bits(model: Transformer) -> float:
     meter = getattr(model, "bits_meter", None)
     return meter.take() if meter is not None else float("nan")
@@ -201,7 +218,8 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[i
     with torch.inference_mode():
         model.setup_cache(1, total)
         t0 = time.perf_counter()
-        logits = model(history[None], 0, last_only=True)[0, -1]  # [V]
+        with _generation_prefill(model):
+            logits = model(history[None], 0, last_only=True)[0, -1]  # [V]
         _step_bits(model)  # prefill is not counted in the decode figures
         res.prefill_s = time.perf_counter() - t0
         pos = len(prompt_ids)

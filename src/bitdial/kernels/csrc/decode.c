@@ -21,6 +21,7 @@
  */
 #include <math.h>
 #include <stdatomic.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,19 +29,44 @@
 #include "decode.h"
 #include "pool.h"
 
+/* Compiled twice (setup.py): as is, and as decode_avx512.c with AVX-512 flags (BD_DECODE_STEP =
+ * bd_decode_step_avx512), so that the float loops (norms, attention, the dynamic estimate G x) run 16 wide
+ * where the CPU has it; module.c picks the step with the ISA family. Construction is in the plain build. */
+#ifndef BD_DECODE_STEP
+#define BD_DECODE_STEP bd_decode_step
+#endif
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
 static size_t rup(size_t v, size_t m) { return (v + m - 1) / m * m; }
 
-static int ilog2_exact(int64_t v) {
+__attribute__((unused)) static int ilog2_exact(int64_t v) {
     int l = 0;
     while (((int64_t)1 << l) < v) l++;
     return ((int64_t)1 << l) == v ? l : -1;
 }
 
-/* ---- small float ops (calling thread; -O3 vectorizes them for the baseline ISA) ---------------- */
+/* ---- small float ops (calling thread; -O3 vectorizes them for the unit's ISA) -------------------- */
+
+/* sum_i a[i] b[i] with 16 independent partial sums: a reduction the compiler vectorizes without
+ * reassociating (the lanes are the partial sums), so the result is the same on every build. */
+static float dotf(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
+    for (int l = 0; i < n; i++, l++) acc[l] += a[i] * b[i];
+    float s = 0.f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    return s;
+}
 
 static void rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const double ss = dotf(x, x, n);
     const float r = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
     for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
 }
@@ -55,11 +81,7 @@ static void rope(float *x, const float *c, const float *s, int hd) {
     }
 }
 
-static double norm2(const float *x, int64_t n) {
-    float s = 0.f;
-    for (int64_t i = 0; i < n; i++) s += x[i] * x[i];
-    return sqrt((double)s);
-}
+static double norm2(const float *x, int64_t n) { return sqrt((double)dotf(x, x, n)); }
 
 /* ---- multi-matrix GEMV job ---------------------------------------------------------------------- */
 
@@ -67,12 +89,19 @@ static double norm2(const float *x, int64_t n) {
 
 typedef struct {
     bd_gemv g[MAXM];
+    int dense[MAXM]; /* matrix m is a dense fp32 weight (the fp32 decoder): g[m].planes holds it */
     int n;
     int64_t first[MAXM + 1]; /* slice index where matrix m starts */
     int64_t step[MAXM];      /* rows per slice of matrix m */
     const bd_isa *isa;
     _Atomic int64_t next;
 } multi_job;
+
+/* y[n] = W[n] . x for a dense fp32 weight [N, K] (rows n0..n1-1). */
+static void dense_rows(const bd_gemv *a, int64_t n0, int64_t n1) {
+    const float *W = (const float *)(const void *)a->planes;
+    for (int64_t n = n0; n < n1; n++) a->y[n] = dotf(W + n * a->K, a->x, a->K);
+}
 
 static void multi_task(void *ctx, int tid, int nth) {
     (void)tid; (void)nth;
@@ -85,7 +114,8 @@ static void multi_task(void *ctx, int tid, int nth) {
         const bd_gemv *a = &j->g[m];
         const int64_t n0 = (s - j->first[m]) * j->step[m];
         const int64_t n1 = n0 + j->step[m] < a->N ? n0 + j->step[m] : a->N;
-        j->isa->rows(a, n0, n1);
+        if (j->dense[m]) dense_rows(a, n0, n1);
+        else j->isa->rows(a, n0, n1);
     }
 }
 
@@ -137,14 +167,15 @@ static void gemv_scratch(bd_gemv *a, bd_decoder *d, int s) {
     a->dxt = (float *)(base + off);
 }
 
-static size_t act_bytes(int64_t K) {
+__attribute__((unused)) static size_t act_bytes(int64_t K) {
     /* worst case over group sizes: 32-column blocks and groups */
     const size_t Kp = rup((size_t)K, 64), nu_pad = rup(Kp / 32, 16) + 16;
     return Kp + 2 * rup(nu_pad * 4, 64) + rup(nu_pad * 4, 64) + Kp + rup(nu_pad * 16 * 4, 64) + 256;
 }
 
-/* The width of slot i for input x (|x| = nx): static, or the dynamic rule's decision. */
+/* The width of slot i for input x (|x| = nx): static, or the dynamic rule's decision (32: dense fp32). */
 static int pick_bits(bd_decoder *d, int i, const float *x, double nx) {
+    if (d->lin[i].B == 0) return 32;
     const double *r = d->rules + (size_t)i * BD_RULE_COLS;
     if (r[BD_RULE_ON] == 0.0) return d->bits[i];
     const int lo = (int)r[BD_RULE_LOW], hi = (int)r[BD_RULE_HIGH];
@@ -161,10 +192,8 @@ static int pick_bits(bd_decoder *d, int i, const float *x, double nx) {
         const int64_t K = d->lin[i].K;
         double g2 = 0.0;
         for (int64_t t = 0; t < k; t++) {
-            const float *row = G + t * K;
-            float acc = 0.f;
-            for (int64_t j = 0; j < K; j++) acc += row[j] * x[j];
-            g2 += (double)acc * acc;
+            const double acc = dotf(G + t * K, x, K);
+            g2 += acc * acc;
         }
         e = r[BD_RULE_A] * sqrt(g2) + r[BD_RULE_C] * nx + r[BD_RULE_B];
     }
@@ -177,6 +206,7 @@ static int pick_bits(bd_decoder *d, int i, const float *x, double nx) {
 
 /* y_m = W_m x for the slots in `slots` (all reading the same x of width K); bias added. */
 static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n, const float *x) {
+    const int64_t t0 = now_ns();
     multi_job j;
     j.n = n;
     j.isa = d->isa;
@@ -191,12 +221,25 @@ static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n
         d->chosen[i] = (uint8_t)k;
         if (i < d->n_dec) d->wb += (double)d->lin[i].N * (double)d->lin[i].K * k;
         bd_gemv *a = &j.g[m];
+        j.dense[m] = d->lin[i].B == 0;
+        if (j.dense[m]) { /* fp32 weights: no activation quantization */
+            memset(a, 0, sizeof *a);
+            a->planes = d->lin[i].planes;
+            a->N = d->lin[i].N;
+            a->K = d->lin[i].K;
+            a->x = x;
+            a->y = ys[m];
+            a->k = 32;
+            a->RB = (a->K + 7) / 8;
+            bytes += (int64_t)4 * a->N * a->K;
+            continue;
+        }
         gemv_setup(a, &d->lin[i], k, x, ys[m]);
         bytes += (int64_t)k * a->N * a->RB;
         /* share the quantized activations with an earlier matrix of the same group size */
         int shared = -1;
         for (int p = 0; p < m; p++)
-            if (j.g[p].G == a->G) shared = p;
+            if (!j.dense[p] && j.g[p].G == a->G) shared = p;
         if (shared >= 0) {
             a->xq = j.g[shared].xq; a->dx = j.g[shared].dx; a->qs = j.g[shared].qs;
             a->xs = j.g[shared].xs; a->dxv = j.g[shared].dxv; a->dxt = j.g[shared].dxt;
@@ -207,7 +250,10 @@ static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n
     }
     const int nth = bd_pool_threads();
     if (bytes < PAR_MIN_BYTES || nth == 1) {
-        for (int m = 0; m < n; m++) d->isa->rows(&j.g[m], 0, j.g[m].N);
+        for (int m = 0; m < n; m++) {
+            if (j.dense[m]) dense_rows(&j.g[m], 0, j.g[m].N);
+            else d->isa->rows(&j.g[m], 0, j.g[m].N);
+        }
     } else {
         j.first[0] = 0;
         for (int m = 0; m < n; m++) {
@@ -228,6 +274,7 @@ static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n
         if (b)
             for (int64_t t = 0; t < d->lin[slots[m]].N; t++) ys[m][t] += b[t];
     }
+    d->t_gemv_ns += now_ns() - t0;
 }
 
 /* ---- attention over one query ------------------------------------------------------------------ */
@@ -247,10 +294,7 @@ static void attn_head(bd_decoder *d, int layer, int64_t S, int h, float *sc) {
     const float scale = 1.0f / sqrtf((float)hd);
     float mx = -INFINITY;
     for (int64_t s = 0; s < S; s++) {
-        const float *kr = kc + s * hd;
-        float acc = 0.f;
-        for (int t = 0; t < hd; t++) acc += q[t] * kr[t];
-        acc *= scale;
+        const float acc = dotf(q, kc + s * hd, hd) * scale;
         sc[s] = acc;
         if (acc > mx) mx = acc;
     }
@@ -297,13 +341,15 @@ static void embed_row(const bd_lin *E, int k, int64_t row, float *out) {
     }
 }
 
-double bd_decode_step(bd_decoder *d, int64_t token, int64_t pos, float *logits) {
+double BD_DECODE_STEP(bd_decoder *d, int64_t token, int64_t pos, float *logits) {
     const int D = d->D, H = d->H, Hk = d->Hk, hd = d->Hd;
     float *x = d->x, *hb = d->hb;
+    const int64_t t_start = now_ns();
     d->wb = 0.0;
     const int E = 7 * d->L + 1;
     d->chosen[E] = (uint8_t)d->bits[E];
-    embed_row(&d->lin[E], d->bits[E], token, x);
+    if (d->lin[E].B == 0) memcpy(x, (const float *)(const void *)d->lin[E].planes + token * D, (size_t)D * 4);
+    else embed_row(&d->lin[E], d->bits[E], token, x);
     const float *cs = d->cos + (size_t)pos * hd, *sn = d->sin + (size_t)pos * hd;
     const int64_t S = pos + 1;
     for (int l = 0; l < d->L; l++) {
@@ -368,10 +414,13 @@ double bd_decode_step(bd_decoder *d, int64_t token, int64_t pos, float *logits) 
         float *const ys[1] = {logits};
         run_linears(d, slots, ys, 1, hb);
     }
+    d->n_steps++;
+    d->t_total_ns += now_ns() - t_start;
     return d->wb;
 }
 
 /* ---- construction from the descriptor ------------------------------------------------------------ */
+#ifndef BD_DECODE_VARIANT
 
 static void *alloc64(size_t n) {
     void *p = NULL;
@@ -463,9 +512,12 @@ bd_decoder *bd_decoder_new(const int64_t *desc, int64_t n, const bd_isa *isa, co
         W->B = (int)p[7];
         W->log2G = ilog2_exact(p[6]);
         *err = "a linear has a null pointer, bad sizes or a group size that is not a power of two >= 32";
-        if (!W->planes || !W->scales || !W->offsets || W->N < 1 || W->K < 1 || W->B < 1 || W->B > 8 || W->G < 32 ||
-            W->log2G < 0)
+        if (W->B == 0) { /* dense fp32 [N, K] in planes */
+            if (!W->planes || W->N < 1 || W->K < 1) goto fail;
+        } else if (!W->planes || !W->scales || !W->offsets || W->N < 1 || W->K < 1 || W->B < 1 || W->B > 8 ||
+                   W->G < 32 || W->log2G < 0) {
             goto fail;
+        }
         if (W->K > kmax) kmax = W->K;
     }
     /* shapes the step relies on */
@@ -498,3 +550,4 @@ fail:
     bd_decoder_free(d);
     return NULL;
 }
+#endif /* BD_DECODE_VARIANT */

@@ -5,7 +5,8 @@
  *   then L x DESC_PER_LAYER               attn_norm, ffn_norm, q_norm (0 = none), k_norm (0 = none),
  *                                         k cache, v cache (fp32 [Hk, S_max, Hd] of sequence 0)
  *   then (7L + 2) x DESC_PER_LIN          planes, scales, offsets, bias (0 = none), N, K, G, B
- *                                         for slots 7l+j (q,k,v,o,gate,up,down), 7L = lm_head, 7L+1 = embedding
+ *                                         for slots 7l+j (q,k,v,o,gate,up,down), 7L = lm_head, 7L+1 = embedding;
+ *                                         B = 0: a dense fp32 weight [N, K] at `planes` (the fp32 decoder)
  * Shared arrays (owned by Python, read or written at every step):
  *   bits   int32 [7L + 2]                 static width of each slot
  *   chosen uint8 [7L + 2]                 width each slot ran at in the last step
@@ -53,6 +54,7 @@ typedef struct {
     double *rules;
     int64_t *gptr;
     double wb; /* sum over the decoder linears of weights x bits in this step */
+    int64_t n_steps, t_total_ns, t_gemv_ns; /* profile since the last reset: steps, time in steps, in GEMV jobs */
     char *act[3];
     float *x, *hb, *q, *kn, *vn, *att, *g, *u, *scores;
 } bd_decoder;
@@ -62,5 +64,8 @@ void bd_decoder_free(bd_decoder *d);
 /* Runs token at position pos (the KV cache holds positions < pos); writes logits [V]; returns the
    step's sum of weights x bits over the decoder linears. Caller holds the kernel call lock. */
 double bd_decode_step(bd_decoder *d, int64_t token, int64_t pos, float *logits);
+#if defined(__x86_64__) || defined(_M_X64)
+double bd_decode_step_avx512(bd_decoder *d, int64_t token, int64_t pos, float *logits); /* AVX-512 build */
+#endif
 
 #endif

@@ -381,7 +381,7 @@ static PyObject *py_decoder_step(PyObject *self, PyObject *const *args, Py_ssize
     }
     for (int i = 0; i < 7 * d->L + 2; i++) {
         const int k = d->bits[i];
-        if (k < 1 || k > d->lin[i].B) {
+        if (d->lin[i].B && (k < 1 || k > d->lin[i].B)) {
             PyErr_Format(PyExc_ValueError, "decoder_step: slot %d has %d bits (stores 1..%d)", i, k, d->lin[i].B);
             return NULL;
         }
@@ -389,10 +389,24 @@ static PyObject *py_decoder_step(PyObject *self, PyObject *const *args, Py_ssize
     double wb;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&CALL_LOCK);
-    wb = bd_decode_step(d, tok, pos, (float *)lp);
+#if defined(__x86_64__) || defined(_M_X64)
+    if (strcmp(d->isa->name, "avx512") == 0)
+        wb = bd_decode_step_avx512(d, tok, pos, (float *)lp);
+    else
+#endif
+        wb = bd_decode_step(d, tok, pos, (float *)lp);
     pthread_mutex_unlock(&CALL_LOCK);
     Py_END_ALLOW_THREADS
     return PyFloat_FromDouble(wb);
+}
+
+static PyObject *py_decoder_stats(PyObject *self, PyObject *arg) {
+    (void)self;
+    bd_decoder *d = (bd_decoder *)PyCapsule_GetPointer(arg, "bitdial.decoder");
+    if (!d) return NULL;
+    PyObject *r = Py_BuildValue("(LLL)", (long long)d->n_steps, (long long)d->t_total_ns, (long long)d->t_gemv_ns);
+    d->n_steps = d->t_total_ns = d->t_gemv_ns = 0;
+    return r;
 }
 
 /* ---- prefill: dequantize a row range of a k-bit view (dequant.c) ---------------------------------- */
@@ -544,6 +558,8 @@ static PyMethodDef METHODS[] = {
      "decoder_new(desc_ptr, n, isa): a fused decoder from an int64 descriptor (see csrc/decode.h)"},
     {"decoder_step", (PyCFunction)(void (*)(void))py_decoder_step, METH_FASTCALL,
      "decoder_step(decoder, token, pos, logits_ptr) -> sum of weights x bits: one token through the decoder"},
+    {"decoder_stats", py_decoder_stats, METH_O,
+     "decoder_stats(decoder) -> (steps, ns in steps, ns in GEMV jobs) since the last call (resets them)"},
     {"dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL,
      "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out_ptr, bf16): rows n0..n1 of the k-bit view"},
     {"isas", py_isas, METH_NOARGS, "((family, variant, supported), ...) in preference order"},
