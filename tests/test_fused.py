@@ -117,6 +117,15 @@ def test_fused_follows_width_changes(art_path):
     assert b_fused == pytest.approx(b_mod, rel=1e-9)
 
 
+def test_fused_mixed_widths_inside_one_job(art_path):
+    """q/k/v (and gate/up) run as one job and share the quantized input: different widths in one job must
+    not share the width-dependent block sums."""
+    model = build_model(art_path, 4)
+    set_bits(model, {"*.q_proj": 2, "*.k_proj": 5, "*.v_proj": 3, "*.gate_proj": 6, "*.up_proj": 2, "default": 4})
+    prompt = [4, 8, 15, 16, 23, 42]
+    _close(_run(model, prompt, 5, True), _run(model, prompt, 5, False))
+
+
 def _policy(model, target, with_proj: bool) -> DynamicPolicy:
     """A hand-made dynamic policy: every decoder linear between 2 and 4 bits (3 and 4 for the o/down
     projections), thresholds picked so that both widths occur."""

@@ -236,10 +236,11 @@ static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n
         }
         gemv_setup(a, &d->lin[i], k, x, ys[m]);
         bytes += (int64_t)k * a->N * a->RB;
-        /* share the quantized activations with an earlier matrix of the same group size */
+        /* share the quantized activations with an earlier matrix of the same group size and width (the
+           block sums Q_u are stored premultiplied by the centering code 2^(k-1), see bitdial_kernels.h) */
         int shared = -1;
         for (int p = 0; p < m; p++)
-            if (!j.dense[p] && j.g[p].G == a->G) shared = p;
+            if (!j.dense[p] && j.g[p].G == a->G && j.g[p].k == a->k) shared = p;
         if (shared >= 0) {
             a->xq = j.g[shared].xq; a->dx = j.g[shared].dx; a->qs = j.g[shared].qs;
             a->xs = j.g[shared].xs; a->dxv = j.g[shared].dxv; a->dxt = j.g[shared].dxt;
