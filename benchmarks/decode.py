@@ -21,6 +21,8 @@ from rich.table import Table
 
 from bitdial.loading import default_model_path, load_model
 from bitdial.model.llama import Transformer
+import bitdial.kernels as BK
+from bitdial.runtime.fused import install_dense
 from bitdial.runtime.generate import SamplingParams, generate
 
 ROOT = Path(__file__).resolve().parent
@@ -71,7 +73,8 @@ def main() -> None:
     a = ap.parse_args()
 
     src = load_model("default")
-    model = Transformer(src.config, src.tensors).eval().fuse()  # as `bitdial generate` runs it
+    model = Transformer(src.config, src.tensors).eval().fuse()  # as `bitdial generate` runs it:
+    install_dense(model)  # the fused native fp32 decode step (bitdial/runtime/fused.py)
     ids = prompt_ids(src.tokenizer, a.prompt_tokens)
     hf = None
     if not a.no_transformers:
@@ -82,6 +85,7 @@ def main() -> None:
     rows = []
     for th in [int(t) for t in a.threads.split(",")]:
         torch.set_num_threads(th)
+        BK.set_threads(th)  # the fused step's kernel pool
         bp, bd = bench_bitdial(model, src.tokenizer, ids, a.new_tokens, a.runs)
         row = {"threads": th, "bitdial_prefill_tps": bp, "bitdial_decode_tps": bd}
         if hf is not None:
