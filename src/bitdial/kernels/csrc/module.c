@@ -159,17 +159,23 @@ static int log2_exact(int64_t v) {
     return ((int64_t)1 << l) == v ? l : -1;
 }
 
+/* Read exactly n integer arguments into v (TypeError naming `usage` otherwise). Returns 0 on success. */
+static int int_args(PyObject *const *args, Py_ssize_t nargs, int n, long long *v, const char *usage) {
+    if (nargs != n) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d ints", usage, n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        v[i] = PyLong_AsLongLong(args[i]);
+        if (v[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "gemv(planes, scales, offsets, x, y, N, K, G, B, k, M, isa) takes 12 ints");
-        return NULL;
-    }
     long long v[12];
-    for (int i = 0; i < 12; i++) {
-        v[i] = PyLong_AsLongLong(args[i]);
-        if (v[i] == -1 && PyErr_Occurred()) return NULL;
-    }
+    if (int_args(args, nargs, 12, v, "gemv(planes, scales, offsets, x, y, N, K, G, B, k, M, isa)")) return NULL;
     bd_gemv a;
     memset(&a, 0, sizeof a);
     a.planes = (const uint8_t *)(uintptr_t)v[0];
@@ -341,14 +347,11 @@ static void decoder_capsule_free(PyObject *cap) {
 
 static PyObject *py_decoder_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "decoder_new(desc_ptr, n, isa) takes 3 ints");
-        return NULL;
-    }
-    uintptr_t dp = (uintptr_t)PyLong_AsUnsignedLongLong(args[0]);
-    long long n = PyLong_AsLongLong(args[1]);
-    int isa = (int)PyLong_AsLong(args[2]);
-    if (PyErr_Occurred()) return NULL;
+    long long v[3];
+    if (int_args(args, nargs, 3, v, "decoder_new(desc_ptr, n, isa)")) return NULL;
+    const uintptr_t dp = (uintptr_t)v[0];
+    const long long n = v[1];
+    int isa = (int)v[2];
     if (isa < 0) isa = DEFAULT_ISA;
     if (!dp || isa >= NISA || !ISA_OK[isa]) {
         PyErr_SetString(PyExc_ValueError, "decoder_new: null descriptor or unavailable ISA");
@@ -437,15 +440,8 @@ static void dq_task(void *ctx, int tid, int nth) {
 
 static PyObject *py_dequant(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out, bf16) takes 12 ints");
-        return NULL;
-    }
     long long v[12];
-    for (int i = 0; i < 12; i++) {
-        v[i] = PyLong_AsLongLong(args[i]);
-        if (v[i] == -1 && PyErr_Occurred()) return NULL;
-    }
+    if (int_args(args, nargs, 12, v, "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out, bf16)")) return NULL;
     bd_dequant a;
     a.planes = (const uint8_t *)(uintptr_t)v[0];
     a.scales = (const uint16_t *)(uintptr_t)v[1];
