@@ -309,3 +309,27 @@ def test_anyprec_linear_uses_kernel_for_small_batches(monkeypatch) -> None:
             assert ((y - y_ref).reshape(-1, 48).abs() <= bound + 1e-5).all()
         else:  # prefill-sized input: the dequantize + matmul path
             assert calls == [] and torch.equal(y, y_ref)
+
+
+def test_pool_jobs_with_a_busy_core() -> None:
+    """Jobs that helpers may skip (gemv slices) interleaved with jobs every thread must run (the bandwidth
+    probe's static split), while another process keeps a core busy: results stay bit-identical and the
+    probe's checksum exact (no helper runs a job twice or misses an all-threads job)."""
+    gen = torch.Generator().manual_seed(11)
+    qt = random_qt(512, 1024, 64, 4, gen)
+    x = random_x(1, 1024, gen)
+    buf = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=gen)
+    before = BK.threads()
+    BK.set_threads(1)
+    want_sum = BK.read_bandwidth(buf)  # the checksum of one thread reading everything
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 20: pass"])
+    try:
+        BK.set_threads(2)
+        ref = BK.gemv(qt, x, 4).clone()
+        for i in range(400):
+            assert torch.equal(BK.gemv(qt, x, 4), ref), f"call {i} differs"
+            if i % 50 == 0:
+                assert BK.read_bandwidth(buf) == want_sum
+    finally:
+        busy.kill()
+        BK.set_threads(before)

@@ -293,7 +293,7 @@ static PyObject *py_sum_bytes(PyObject *self, PyObject *const *args, Py_ssize_t 
     int nth;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&CALL_LOCK);
-    nth = bd_pool_run(sum_task, &job);
+    nth = bd_pool_run_all(sum_task, &job);
     pthread_mutex_unlock(&CALL_LOCK);
     Py_END_ALLOW_THREADS
     uint64_t s = 0;

@@ -3,8 +3,10 @@
  * n - 1 helper threads plus the calling thread. A job is published by bumping a generation counter;
  * helpers spin on it for a short while (so back-to-back GEMVs of a decode step cost well under a
  * microsecond to dispatch), yielding the CPU now and then, and after `spin_us` microseconds without
- * work they sleep on a futex (Linux) or condition variable until the next job. Every helper takes
- * part in every job and the caller waits until all of them are done, so no helper can lag a job behind.
+ * work they sleep on a futex (Linux) or condition variable until the next job. bd_pool_run jobs (work
+ * taken from a shared counter) are joined by the helpers that arrive before the caller has finished its
+ * own share; the caller waits only for those, so a helper whose core another process holds delays no job.
+ * bd_pool_run_all jobs (static splits by tid) wait for every helper.
  */
 #include "pool.h"
 
@@ -36,7 +38,9 @@ static struct {
     int nworkers;              /* helper threads running */
     int want;                  /* threads requested (helpers + caller) */
     _Atomic uint32_t gen;      /* job generation */
-    _Atomic int pending;       /* helpers still running the current job */
+    _Atomic int pending;       /* helpers still running the current job (bd_pool_run_all) */
+    _Atomic uint64_t state;    /* gen << 32 | CLOSED | ALL | helpers that joined (bd_pool_run) */
+    _Atomic int finished;      /* bd_pool_run: joined helpers done */
     _Atomic int quit;
     _Atomic int sleepers;
     bd_task fn;
@@ -82,6 +86,9 @@ static void wake_all(void) {
 #endif
 }
 
+#define CLOSED ((uint64_t)1 << 31)
+#define ALL ((uint64_t)1 << 30)
+
 typedef struct { int tid; uint32_t gen0; } worker_arg;
 static worker_arg ARGS[BD_POOL_MAX];
 
@@ -107,8 +114,24 @@ static void *worker(void *arg_) {
         }
         seen = g;
         if (atomic_load(&P.quit)) return NULL;
+        uint64_t s = atomic_load(&P.state);
+        if ((uint32_t)(s >> 32) != g) continue; /* already replaced by a newer job: the loop sees that one */
+        if (s & ALL) { /* bd_pool_run_all: every thread, and the caller waits for each */
+            P.fn(P.ctx, tid, P.nworkers + 1);
+            atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
+            continue;
+        }
+        /* join the job unless the caller has closed it */
+        int joined = 0;
+        while ((uint32_t)(s >> 32) == g && !(s & CLOSED)) {
+            if (atomic_compare_exchange_weak(&P.state, &s, s + 1)) {
+                joined = 1;
+                break;
+            }
+        }
+        if (!joined) continue;
         P.fn(P.ctx, tid, P.nworkers + 1);
-        atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
+        atomic_fetch_add_explicit(&P.finished, 1, memory_order_release);
     }
 }
 
@@ -157,6 +180,9 @@ int bd_pool_threads(void) { return P.want; }
 
 void bd_pool_set_spin_us(long us) { P.spin_ns = us < 0 ? 0 : us * 1000L; }
 
+/* A job whose task takes its work from a shared counter: helpers that have not joined by the time the
+ * caller has finished its own share are left out (their core may be held by another process: waiting for
+ * them would stall every job of a decode step). The caller then waits only for the helpers that joined. */
 int bd_pool_run(bd_task fn, void *ctx) {
     pthread_once(&ONCE, init_once);
     if (P.nworkers + 1 < P.want) start_workers(P.want - 1 - P.nworkers); /* e.g. after fork */
@@ -167,8 +193,37 @@ int bd_pool_run(bd_task fn, void *ctx) {
     }
     P.fn = fn;
     P.ctx = ctx;
+    atomic_store(&P.finished, 0);
+    const uint32_t g = atomic_load(&P.gen) + 1;
+    atomic_store(&P.state, (uint64_t)g << 32);
+    atomic_store(&P.gen, g); /* seq_cst: publishes fn/ctx/state, ordered before the sleepers check */
+    wake_all();
+    fn(ctx, 0, nth);
+    const uint64_t s = atomic_fetch_or(&P.state, CLOSED);
+    const int joined = (int)(s & (ALL - 1));
+    unsigned it = 0;
+    while (atomic_load_explicit(&P.finished, memory_order_acquire) < joined) {
+        cpu_relax();
+        if ((++it & 4095) == 0) sched_yield();
+    }
+    return 1 + joined;
+}
+
+/* A job that needs every thread (a static split by tid): waits for all helpers. */
+int bd_pool_run_all(bd_task fn, void *ctx) {
+    pthread_once(&ONCE, init_once);
+    if (P.nworkers + 1 < P.want) start_workers(P.want - 1 - P.nworkers); /* e.g. after fork */
+    const int nth = P.nworkers + 1;
+    if (nth == 1) {
+        fn(ctx, 0, 1);
+        return 1;
+    }
+    P.fn = fn;
+    P.ctx = ctx;
     atomic_store(&P.pending, nth - 1);
-    atomic_fetch_add(&P.gen, 1); /* seq_cst: publishes fn/ctx, ordered before the sleepers check */
+    const uint32_t g = atomic_load(&P.gen) + 1;
+    atomic_store(&P.state, ((uint64_t)g << 32) | ALL);
+    atomic_store(&P.gen, g); /* seq_cst: publishes fn/ctx/state, ordered before the sleepers check */
     wake_all();
     fn(ctx, 0, nth);
     unsigned it = 0;

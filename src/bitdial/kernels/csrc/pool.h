@@ -10,6 +10,10 @@ typedef void (*bd_task)(void *ctx, int tid, int nth);
 int bd_pool_set_threads(int n);   /* total threads incl. the caller; returns the number running */
 int bd_pool_threads(void);
 void bd_pool_set_spin_us(long us);
-int bd_pool_run(bd_task fn, void *ctx); /* returns the number of threads that ran it */
+/* Tasks that take work from a shared counter: helpers that have not joined when the caller is done with
+   its share are left out (returns the number of threads that took part). tid is unique per participant. */
+int bd_pool_run(bd_task fn, void *ctx);
+/* Tasks that split work statically by tid over nth threads: every thread runs it (returns nth). */
+int bd_pool_run_all(bd_task fn, void *ctx);
 
 #endif
