@@ -180,10 +180,8 @@ int bd_pool_threads(void) { return P.want; }
 
 void bd_pool_set_spin_us(long us) { P.spin_ns = us < 0 ? 0 : us * 1000L; }
 
-/* A job whose task takes its work from a shared counter: helpers that have not joined by the time the
- * caller has finished its own share are left out (their core may be held by another process: waiting for
- * them would stall every job of a decode step). The caller then waits only for the helpers that joined. */
-int bd_pool_run(bd_task fn, void *ctx) {
+/* Common start of a job: helpers running, fn/ctx published to them; a single thread runs fn at once. */
+static int begin_job(bd_task fn, void *ctx) {
     pthread_once(&ONCE, init_once);
     if (P.nworkers + 1 < P.want) start_workers(P.want - 1 - P.nworkers); /* e.g. after fork */
     const int nth = P.nworkers + 1;
@@ -193,6 +191,15 @@ int bd_pool_run(bd_task fn, void *ctx) {
     }
     P.fn = fn;
     P.ctx = ctx;
+    return nth;
+}
+
+/* A job whose task takes its work from a shared counter: helpers that have not joined by the time the
+ * caller has finished its own share are left out (their core may be held by another process: waiting for
+ * them would stall every job of a decode step). The caller then waits only for the helpers that joined. */
+int bd_pool_run(bd_task fn, void *ctx) {
+    const int nth = begin_job(fn, ctx);
+    if (nth == 1) return 1;
     atomic_store(&P.finished, 0);
     const uint32_t g = atomic_load(&P.gen) + 1;
     atomic_store(&P.state, (uint64_t)g << 32);
@@ -211,15 +218,8 @@ int bd_pool_run(bd_task fn, void *ctx) {
 
 /* A job that needs every thread (a static split by tid): waits for all helpers. */
 int bd_pool_run_all(bd_task fn, void *ctx) {
-    pthread_once(&ONCE, init_once);
-    if (P.nworkers + 1 < P.want) start_workers(P.want - 1 - P.nworkers); /* e.g. after fork */
-    const int nth = P.nworkers + 1;
-    if (nth == 1) {
-        fn(ctx, 0, 1);
-        return 1;
-    }
-    P.fn = fn;
-    P.ctx = ctx;
+    const int nth = begin_job(fn, ctx);
+    if (nth == 1) return 1;
     atomic_store(&P.pending, nth - 1);
     const uint32_t g = atomic_load(&P.gen) + 1;
     atomic_store(&P.state, ((uint64_t)g << 32) | ALL);
