@@ -164,9 +164,7 @@ def gemv(qt: QuantizedTensor, x: torch.Tensor, k: int, out: torch.Tensor | None 
         ``max|x_block| / 127``); typically ~0.3-1% of ``|y|``. The activation scratch lives in the native
         library and is reused across calls (it only grows).
     """
-    c = qt.__dict__.get("_bd_native")  # validated pointers of this tensor, cached on it
-    if c is None or c[0] is not qt.planes or c[1] is not qt.scales or c[2] is not qt.offsets:
-        c = _prepare(qt)
+    c = _validated(qt)
     N, K, B = c[4], c[5], c[7]
     if not 1 <= k <= B:
         raise ValueError(f"k must be in 1..{B}, got {k}")
@@ -194,6 +192,14 @@ def gemv(qt: QuantizedTensor, x: torch.Tensor, k: int, out: torch.Tensor | None 
     return out
 
 
+def _validated(qt: QuantizedTensor) -> tuple:
+    """The validated pointers of qt, cached on it (re-validated if its tensors were replaced)."""
+    c = qt.__dict__.get("_bd_native")
+    if c is None or c[0] is not qt.planes or c[1] is not qt.scales or c[2] is not qt.offsets:
+        c = _prepare(qt)
+    return c
+
+
 def _prepare(qt: QuantizedTensor) -> tuple:
     """Validate qt once: (planes, scales, offsets, data pointers or None, N, K, G, B), cached on qt."""
     if qt.method != "uniform":
@@ -213,10 +219,8 @@ def _prepare(qt: QuantizedTensor) -> tuple:
 def dequant(qt: QuantizedTensor, k: int, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
     """Rows ``n0:n1`` of the k-bit view into ``out`` (fp32 or bf16 [n1 - n0, K], contiguous), on the kernel
     threads: the prefill path dequantizes tiles with it and multiplies them with torch's GEMM. fp32 output
-    equals ``qt.dequantize(k)[n0:n1]`` exactly; bf16 is that rounded to nearest even."""
-    c = qt.__dict__.get("_bd_native")
-    if c is None or c[0] is not qt.planes or c[1] is not qt.scales or c[2] is not qt.offsets:
-        c = _prepare(qt)
+    equals ``qt.dequantize(k)[n0:n1]`` up to float rounding; bf16 is rounded to nearest even."""
+    c = _validated(qt)
     N, K, G, B = c[4], c[5], c[6], c[7]
     if c[3] is None:
         w = qt.dequantize(k)[n0:n1]
@@ -235,7 +239,7 @@ def dequant(qt: QuantizedTensor, k: int, n0: int, n1: int, out: torch.Tensor) ->
 
 def fast_bf16() -> bool:
     """True when this CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16: torch's oneDNN GEMM
-    then runs 3-4x faster in bf16 than in fp32, so the prefill path uses bf16 tiles by default)."""
+    then runs 3-4x faster in bf16 than in fp32, so a generation's prompt uses bf16 tiles by default)."""
     global _FAST_BF16
     if _FAST_BF16 is None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -162,21 +162,13 @@ def decode_threads(model: Transformer) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@contextmanager
-def _generation_prefill(model: Transformer) -> Iterator[None]:
+def _generation_prefill(model: Transformer):
     """The prompt of a generation runs in the model's ``prefill.generation_dtype`` (bf16 tiles where the CPU
     multiplies bf16 natively: bitdial.runtime.anyprec.PrefillSettings); other calls keep ``prefill.dtype``."""
+    from bitdial.runtime.anyprec import PrefillSettings, prefill_dtype
+
     s = getattr(model, "prefill", None)
-    gen = getattr(s, "generation_dtype", None)
-    if gen is None or gen == s.dtype:
-        yield
-        return
-    before = s.dtype
-    s.dtype = gen
-    try:
-        yield
-    finally:
-        s.dtype = before
+    return prefill_dtype(model, s.generation_dtype) if isinstance(s, PrefillSettings) else nullcontext()
 
 
 def _step_bits(model: Transformer) -> float:
