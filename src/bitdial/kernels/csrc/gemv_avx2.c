@@ -186,6 +186,7 @@ BD_INLINE void decode_chunk(const bd_gemv *a, int64_t n, int64_t j, int jj, floa
 
 /* R rows, one token; 64 columns (two 32-column halves sharing the loads of x) per step. */
 BD_INLINE void decode_tile(const bd_gemv *a, int64_t n, const int R, const int k, const int qb64) {
+    bd_prefetch_rows(a, n, R, k);
     const int64_t RB = a->RB;
     const int64_t nch = (RB + 7) >> 3, nfull = RB >> 3;
     const int CB = qb64 ? 16 : 8; /* 64-column chunks per 16 x blocks */

@@ -77,6 +77,7 @@ BD_INLINE void decode_chunk(const uint8_t *const *row, int64_t ps, const int8_t 
 }
 
 BD_INLINE void decode_tile(const bd_gemv *a, int64_t n, const int R, const int k, const int qb64) {
+    bd_prefetch_rows(a, n, R, k);
     const int64_t RB = a->RB, ps = a->pstride;
     const int64_t nfull = RB >> 3, nch = (RB + 7) >> 3;
     const int CB = qb64 ? 16 : 8; /* chunks per 16 x blocks */

@@ -165,6 +165,7 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     __m512 off = _mm512_setzero_ps();
     float fac[16] __attribute__((aligned(64))), raw[16] __attribute__((aligned(64)));
+    bd_prefetch_rows(a, n, 1, k);
     for (int64_t J0 = 0; J0 < nblk; J0 += BPF) {
         const int64_t u0 = 16 * J0 / BPF;
         __m512 f;
@@ -273,6 +274,7 @@ BD_INLINE void gmulti_row(const bd_gemv *a, int64_t n, int m0, const int T, cons
     __m512 acc[8], off[8];
     float sf[16] __attribute__((aligned(64)));
     for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
+    if (m0 == 0) bd_prefetch_rows(a, n, 1, a->k);
     for (int64_t J0 = 0; J0 < nblk; J0 += BPF) {
         const int64_t u0 = 16 * J0 / BPF;
         __m512 f;
