@@ -165,9 +165,11 @@ def main() -> None:
     if args.fp32:
         from bitdial.loading import load_model
         from bitdial.model.llama import Transformer
+        from bitdial.runtime.fused import install_dense
 
         lm = load_model(src)
         dense = Transformer(lm.config, dict(lm.tensors)).eval().fuse()
+        install_dense(dense)  # the fp32 decode step in one native call, as Engine.load sets it up
         d, p, _ = time_bitdial(dense, args.new_tokens, args.prefill_tokens, args.runs, vocab)
         rows.append({"engine": "bitdial", "type": "fp32 (dense)", "bits": 32, "decode_tps": d, "prefill_tps": p})
         console.log(f"bitdial fp32: decode {d:.1f}, prefill {p:.0f}")
