@@ -8,6 +8,8 @@ the build runs on any CPU of the architecture; the ISA is picked at run time):
     gemv_avx2.c         -mavx2 -mfma -mf16c                                                 (x86-64)
     dequant_avx512.c    dequant.c again with -mavx512f -mavx512bw -mavx512vl -mfma -mf16c     (x86-64)
     decode_avx512.c     decode.c again, the same flags                                        (x86-64)
+    dequant_avx2.c      dequant.c again with -mavx2 -mfma -mf16c                              (x86-64)
+    decode_avx2.c       decode.c again, the same flags                                        (x86-64)
     gemv_neon.c    baseline NEON, and again with +dotprod when the compiler knows it        (aarch64)
     gemv_ref.c, pool.c, decode.c, dequant.c, module.c: portable C
 
@@ -49,6 +51,8 @@ def isa_units() -> list[tuple[str, list[str]]]:
             ("gemv_avx2.c", ["-mavx2", "-mfma", "-mf16c"]),
             ("dequant_avx512.c", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"]),
             ("decode_avx512.c", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"]),
+            ("dequant_avx2.c", ["-mavx2", "-mfma", "-mf16c"]),
+            ("decode_avx2.c", ["-mavx2", "-mfma", "-mf16c"]),
         ]
     if m == "aarch64":
         return [

@@ -66,6 +66,7 @@ void bd_decoder_free(bd_decoder *d);
 double bd_decode_step(bd_decoder *d, int64_t token, int64_t pos, float *logits);
 #if defined(__x86_64__) || defined(_M_X64)
 double bd_decode_step_avx512(bd_decoder *d, int64_t token, int64_t pos, float *logits); /* AVX-512 build */
+double bd_decode_step_avx2(bd_decoder *d, int64_t token, int64_t pos, float *logits);   /* AVX2 build */
 #endif
 
 #endif

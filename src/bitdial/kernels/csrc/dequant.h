@@ -19,6 +19,7 @@ typedef struct {
 void bd_dequant_rows(const bd_dequant *a, int64_t n0, int64_t n1);
 #if defined(__x86_64__) || defined(_M_X64)
 void bd_dequant_rows_avx512(const bd_dequant *a, int64_t n0, int64_t n1); /* AVX-512 F/BW/VL build */
+void bd_dequant_rows_avx2(const bd_dequant *a, int64_t n0, int64_t n1);   /* AVX2/FMA/F16C build */
 #endif
 
 #endif

@@ -145,97 +145,200 @@ BD_INLINE void tile_avx2(const bd_gemv *a, int64_t n, const int R, int m0, const
     }
 }
 
-/* ---- decode: one token, 4 rows per pass, k known at compile time --------------------------- */
+/* ---- decode (M = 1): bit slices against a permuted activation layout ------------------------- */
+/*
+ * One token. The codes are never expanded byte by byte: a 32-byte load of one plane row covers 256
+ * columns (a superblock), byte b holding columns 8b..8b+7 in bits 0..7. The i-th "slice" of that load,
+ * bit i of every byte, is the bit of columns 8b + i, b = 0..31: one shift and one AND per plane and
+ * slice put it where its plane's weight goes, an OR merges the planes into the code c of those 32
+ * columns, and vpmaddubsw takes the dot product with the matching 32 activations. prepare_avx2 stores
+ * the activations of a single token in exactly that order (the dot product does not care about the
+ * order, only that codes and activations agree), so xq needs no shuffles here:
+ *
+ *   full superblock s (bytes 32s..32s+31 of a plane row):  xq[256 s + 32 i + b] = q[256 s + 8 b + i]
+ *
+ *   plane row byte b of the superblock:  bit 7 ... bit 1  bit 0
+ *                                         col 8b+7   8b+1   8b      (of the superblock)
+ *   slice i = bit i of bytes 0..31   ->  columns i, 8+i, 16+i, ..., 248+i  ->  xq[256 s + 32 i .. + 31]
+ *
+ * Per slice that is 2k + 1 simple ops for 32 columns (vs 6 per plane for a byte-wise expansion). The
+ * int32 lane l of vpmaddwd(vpmaddubsw(c, q), 1) sums bytes 4l..4l+3 of the slice, i.e. columns of the
+ * 32-column block l of the superblock, for every slice: the lanes are the superblock's 8 blocks, so
+ * scales and activation scales apply per lane (f_l = s_g(l) d_u(l)), and the centering term
+ * 2^(k-1) Q_l is subtracted exactly in int32 (Q_l: the sum of q over block l, written by prepare).
+ * vpmaddubsw pairs stay below 2^15 for codes <= 127; their int16 sums are widened every F slices
+ * (F = 8 up to 4 bits: 16 (2^k - 1) 127 < 2^15), and at 8 bits the code is split as 2 c7 + b0.
+ *
+ * The row tail (fewer than 32 bytes left) goes in pieces of W = 16 or 8 bytes, broadcast to the whole
+ * register (2 or 4 copies) and sliced with per-qword shift counts (vpsrlvq), 4 or 2 registers per piece:
+ *
+ *   tail piece at byte o, width W:  xq[8 o + W i + b] = q[8 (o + b) + i],  b < W
+ *
+ * so that register j of a piece holds slices (W/8) j .. (W/8) j + W/8 - 1 and lane l is block l mod W/4
+ * of the piece. Bytes past the row end are never read (partial pieces are copied to a zeroed buffer).
+ */
 
-/* int32 dot products (8 lanes of 4 columns) of the k-bit codes of the 32 columns at p with q (k fixed). */
-BD_INLINE __m256i half_dot(const uint8_t *p, int64_t ps, const int k, int tail, __m256i xv) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const int k7 = k < 8 ? k : 7;
-    __m256i c = _mm256_sub_epi8(_mm256_setzero_si256(), expand_bits(p, tail));
-#pragma GCC unroll 8
-    for (int q = 1; q < k7; q++) c = _mm256_sub_epi8(_mm256_add_epi8(c, c), expand_bits(p + q * ps, tail));
-    __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones);
-    if (k == 8) {
-        const __m256i b0 = _mm256_and_si256(expand_bits(p + 7 * ps, tail), _mm256_set1_epi8(1));
-        d = _mm256_add_epi32(_mm256_add_epi32(d, d), _mm256_madd_epi16(_mm256_maddubs_epi16(b0, xv), ones));
-    }
-    return d;
+/* Bits i and i + 4 of every byte of P moved to bits w and w + 4 (i < 4, w < 4), all other bits 0. */
+BD_INLINE __m256i place_bit2(__m256i P, const int i, const int w) {
+    __m256i t = P;
+    if (i > w) t = _mm256_srli_epi16(P, i - w);
+    if (i < w) t = _mm256_slli_epi16(P, w - i);
+    return _mm256_and_si256(t, _mm256_set1_epi8((char)(0x11 << w)));
 }
 
-/* Chunk j (64 columns, two 32-column halves) of R rows; tail = plane bytes in a partial chunk, or 0. */
-BD_INLINE void decode_chunk(const bd_gemv *a, int64_t n, int64_t j, int jj, float (*fac)[16], __m256 *acc,
-                            const int R, const int k, const int qb64, const int tail) {
-    const int64_t RB = a->RB, ps = a->pstride, b0 = 8 * j;
-    const int t0 = tail ? (tail >= 4 ? 0 : tail) : 0;         /* bytes of the first half if partial */
-    const int t1 = tail ? (tail > 4 ? tail - 4 : -1) : 0;      /* second half: -1 = absent */
-    const __m256i x0 = _mm256_load_si256((const __m256i *)(a->xq + 64 * j));
-    const __m256i x1 = _mm256_load_si256((const __m256i *)(a->xq + 64 * j + 32));
+/* Slices per int16 flush: F pairs of 2 (2^kh - 1) 127 stay below 2^15. */
+#define FLUSH(kh) ((kh) <= 4 ? 8 : 1 << (7 - (kh)))
+
+/* int32 lanes: sum of c_j q_j over each 32-column block of a full superblock, c = the np-bit code of
+ * planes P[0..np-1] (np <= 4, P[0] most significant). Slices i and i + 4 are built together: one shift
+ * and one AND per plane move bit i to bit w and bit i + 4 to bit w + 4 (w = the plane's weight), so one
+ * byte holds the codes of two columns, split by an AND and a shift. */
+BD_INLINE __m256i nibble_dot(const __m256i *P, const int np, const int8_t *xq) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    __m256i acc16 = _mm256_setzero_si256(); /* <= 8 pairs of 2 * 15 * 127 per lane: no overflow */
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-        const uint8_t *p = a->planes + (n + r) * RB + b0;
-        const __m256i d0 = half_dot(p, ps, k, t0, x0);
-        const __m256i d1 = t1 < 0 ? _mm256_setzero_si256() : half_dot(p + 4, ps, k, t1, x1);
-        if (qb64) {
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(fac[r][jj]), acc[r]);
-        } else {
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(fac[r][2 * jj]), acc[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(fac[r][2 * jj + 1]), acc[r]);
+    for (int i = 0; i < 4; i++) {
+        __m256i c = place_bit2(P[0], i, np - 1);
+#pragma GCC unroll 3
+        for (int q = 1; q < np; q++) c = _mm256_or_si256(c, place_bit2(P[q], i, np - 1 - q));
+        const __m256i c0 = _mm256_and_si256(c, lo4), c1 = _mm256_and_si256(_mm256_srli_epi16(c, 4), lo4);
+        acc16 = _mm256_add_epi16(acc16, _mm256_maddubs_epi16(c0, _mm256_load_si256((const __m256i *)(xq + 32 * i))));
+        acc16 = _mm256_add_epi16(acc16, _mm256_maddubs_epi16(c1, _mm256_load_si256((const __m256i *)(xq + 32 * i + 128))));
+    }
+    return _mm256_madd_epi16(acc16, _mm256_set1_epi16(1));
+}
+
+/* The same for the k-bit code (k fixed): one nibble up to 4 bits; above, the top 4 planes and the
+ * remaining k - 4 as two nibbles, I = (I_hi << (k - 4)) + I_lo (exact in int32). */
+BD_INLINE __m256i sb_dot(const uint8_t *p, int64_t ps, const int k, const int8_t *xq) {
+    __m256i P[8];
+#pragma GCC unroll 8
+    for (int q = 0; q < k; q++) P[q] = _mm256_loadu_si256((const __m256i *)(p + q * ps));
+    if (k <= 4) return nibble_dot(P, k, xq);
+    return _mm256_add_epi32(_mm256_slli_epi32(nibble_dot(P, 4, xq), k - 4), nibble_dot(P + 4, k - 4, xq));
+}
+
+/* The same for a tail piece of W = 16 or 8 bytes per plane row (nb <= W of them present). */
+BD_INLINE __m256i piece_dot(const uint8_t *p, int64_t ps, const int k, const int W, int nb, const int8_t *xq) {
+    const __m256i ones = _mm256_set1_epi16(1), one8 = _mm256_set1_epi8(1);
+    const int kh = k < 8 ? k : 7, F = FLUSH(kh), nreg = W / 4;
+    __m256i P[8];
+    for (int q = 0; q < k; q++) {
+        uint8_t buf[16] = {0};
+        const uint8_t *src = p + q * ps;
+        if (nb < W) {
+            memcpy(buf, src, (size_t)nb);
+            src = buf;
         }
+        if (W == 16) P[q] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)src));
+        else P[q] = _mm256_set1_epi64x((long long)*(const uint64_t __attribute__((may_alias, aligned(1))) *)src);
+    }
+    __m256i acc32 = _mm256_setzero_si256(), acc16 = _mm256_setzero_si256(), accb = _mm256_setzero_si256();
+    for (int j = 0; j < nreg; j++) {
+        const __m256i cnt = W == 16 ? _mm256_setr_epi64x(2 * j, 2 * j, 2 * j + 1, 2 * j + 1)
+                                    : _mm256_setr_epi64x(4 * j, 4 * j + 1, 4 * j + 2, 4 * j + 3);
+        const __m256i xv = _mm256_load_si256((const __m256i *)(xq + 32 * j));
+        __m256i c = _mm256_and_si256(_mm256_srlv_epi64(P[0], cnt), one8);
+        for (int q = 1; q < kh; q++) /* Horner, MSB first: c = 2c + bit */
+            c = _mm256_or_si256(_mm256_add_epi8(c, c), _mm256_and_si256(_mm256_srlv_epi64(P[q], cnt), one8));
+        acc16 = _mm256_add_epi16(acc16, _mm256_maddubs_epi16(c, xv));
+        if ((j + 1) % F == 0 || j == nreg - 1) {
+            acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(acc16, ones));
+            acc16 = _mm256_setzero_si256();
+        }
+        if (k == 8)
+            accb = _mm256_add_epi16(accb, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srlv_epi64(P[7], cnt), one8), xv));
+    }
+    if (k == 8) acc32 = _mm256_add_epi32(_mm256_add_epi32(acc32, acc32), _mm256_madd_epi16(accb, ones));
+    return acc32;
+}
+
+/* Scales s_g of the 8 blocks of full superblock s of one row (lane l = block l). */
+BD_INLINE __m256 sb_scales(const bd_gemv *a, const uint16_t *s16, int64_t s) {
+    switch (a->log2G) {
+    case 5:
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + 8 * s)));
+    case 6:
+        return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(s16 + 4 * s)))),
+                                        _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    case 7: {
+        uint32_t w;
+        memcpy(&w, s16 + 2 * s, 4);
+        return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128((int)w))),
+                                        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    }
+    default:
+        return _mm256_set1_ps(_cvtsh_ss(s16[(256 * s) >> a->log2G]));
     }
 }
 
-/* R rows, one token; 64 columns (two 32-column halves sharing the loads of x) per step. */
-BD_INLINE void decode_tile(const bd_gemv *a, int64_t n, const int R, const int k, const int qb64) {
+/* R rows, one token (k fixed). d32 / q32: d_u and Q (int32) per 32-column block, written by prepare. */
+BD_INLINE void decode_tile(const bd_gemv *a, int64_t n, const int R, const int k) {
+#ifndef BD_STREAM_PF
     bd_prefetch_rows(a, n, R, k);
-    const int64_t RB = a->RB;
-    const int64_t nch = (RB + 7) >> 3, nfull = RB >> 3;
-    const int CB = qb64 ? 16 : 8; /* 64-column chunks per 16 x blocks */
+#endif
+    const int64_t RB = a->RB, ps = a->pstride, nsb = RB >> 5;
+    const float *d32 = a->dxv;
+    const int32_t *q32 = (const int32_t *)a->dxt;
     __m256 acc[4];
-    float fac[4][16], corr_r[4];
-    for (int r = 0; r < R; r++) {
-        acc[r] = _mm256_setzero_ps();
-        corr_r[r] = 0.0f;
-    }
-    for (int64_t j0 = 0; j0 < nch; j0 += CB) {
-        const int64_t u0 = qb64 ? j0 : 2 * j0;
-        for (int r = 0; r < R; r++) { /* f_u = s_g(u) d_u and the centering sum f_u 2^(k-1) Q_u */
-            const uint16_t *s16 = a->scales + (n + r) * a->ng;
-            float c = 0.0f;
-            for (int l = 0; l < 16; l++) {
-                const int64_t g = bd_group_of_unit(a, u0 + l);
-                fac[r][l] = (u0 + l < a->nu && g < a->ng) ? _cvtsh_ss(s16[g]) * a->dx[u0 + l] : 0.0f;
-                c += fac[r][l] * a->qs[u0 + l];
-            }
-            corr_r[r] += c;
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < nsb; s++) {
+        const __m256i qv = _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(q32 + 8 * s)), k - 1);
+        const __m256 dv = _mm256_load_ps(d32 + 8 * s);
+#pragma GCC unroll 1
+        for (int r = 0; r < R; r++) { /* not unrolled: one row's slices already fill the registers */
+            const uint8_t *p = a->planes + (n + r) * RB + 32 * s;
+#ifdef BD_STREAM_PF
+            if (BD_STREAM_PF > 0 && !(s & 1))
+                for (int q = 0; q < k; q++) __builtin_prefetch(p + q * ps + BD_STREAM_PF, 0, 3);
+#endif
+            const __m256i I = _mm256_sub_epi32(sb_dot(p, ps, k, a->xq + 256 * s), qv);
+            const __m256 f = _mm256_mul_ps(sb_scales(a, a->scales + (n + r) * a->ng, s), dv);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), f, acc[r]);
         }
-        const int64_t jend = j0 + CB < nfull ? j0 + CB : nfull;
-        for (int64_t j = j0; j < jend; j++) decode_chunk(a, n, j, (int)(j - j0), fac, acc, R, k, qb64, 0);
-        if (nfull < nch && nfull >= j0 && nfull < j0 + CB) /* the last, partial chunk */
-            decode_chunk(a, n, nfull, (int)(nfull - j0), fac, acc, R, k, qb64, (int)(RB - 8 * nfull));
+    }
+    for (int64_t o = 32 * nsb; o < RB;) { /* the tail: pieces of 16 or 8 bytes */
+        const int64_t rem = RB - o;
+        const int W = rem > 8 ? 16 : 8, nb = rem < W ? (int)rem : W, nbk = W / 4;
+        const int64_t b0 = o / 4; /* first 32-column block of the piece */
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+        const __m256i idx = W == 16 ? lane : _mm256_and_si256(lane, _mm256_set1_epi32(1));
+        /* a block's dot product is spread over 32 / W lanes: subtract its centering term in one of them */
+        const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(nbk), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256i qv = _mm256_and_si256(first, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(q32 + b0)), k - 1));
+        const __m256 dv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(d32 + b0), idx);
+        for (int r = 0; r < R; r++) {
+            const uint16_t *s16 = a->scales + (n + r) * a->ng;
+            float sv[8] = {0};
+            for (int l = 0; l < nbk; l++) {
+                const int64_t col = 32 * (b0 + l);
+                sv[l] = col < a->K ? _cvtsh_ss(s16[col >> a->log2G]) : 0.0f;
+            }
+            const __m256 f = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(sv), idx), dv);
+            const uint8_t *p = a->planes + (n + r) * RB + o;
+            const __m256i I = _mm256_sub_epi32(piece_dot(p, ps, k, W, nb, a->xq + 8 * o), qv);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), f, acc[r]);
+        }
+        o += W;
     }
     for (int r = 0; r < R; r++) {
         const uint16_t *s16 = a->scales + (n + r) * a->ng, *m16 = a->offsets + (n + r) * a->ng;
-        a->y[n + r] = a->L * (hsum256(acc[r]) - corr_r[r]) + offset_term(a, s16, m16, a->xs);
+        a->y[n + r] = a->L * hsum256(acc[r]) + offset_term(a, s16, m16, a->xs);
     }
 }
 
-#define DEF_DECODE(K, Q)                                                              \
-    static void decode_k##K##_q##Q(const bd_gemv *a, int64_t n0, int64_t n1) {        \
+#define DEF_DECODE(K)                                                                 \
+    static void decode_k##K(const bd_gemv *a, int64_t n0, int64_t n1) {               \
         int64_t n = n0;                                                               \
-        for (; n + 4 <= n1; n += 4) decode_tile(a, n, 4, K, Q);                       \
-        for (; n < n1; n++) decode_tile(a, n, 1, K, Q);                               \
+        for (; n + 4 <= n1; n += 4) decode_tile(a, n, 4, K);                          \
+        for (; n < n1; n++) decode_tile(a, n, 1, K);                                  \
     }
-#define DEF_DECODE_K(K) DEF_DECODE(K, 0) DEF_DECODE(K, 1)
-DEF_DECODE_K(1) DEF_DECODE_K(2) DEF_DECODE_K(3) DEF_DECODE_K(4)
-DEF_DECODE_K(5) DEF_DECODE_K(6) DEF_DECODE_K(7) DEF_DECODE_K(8)
+DEF_DECODE(1) DEF_DECODE(2) DEF_DECODE(3) DEF_DECODE(4)
+DEF_DECODE(5) DEF_DECODE(6) DEF_DECODE(7) DEF_DECODE(8)
 
 typedef void (*rows_fn)(const bd_gemv *, int64_t, int64_t);
-static const rows_fn decode_fns[9][2] = {
-    {0, 0},
-    {decode_k1_q0, decode_k1_q1}, {decode_k2_q0, decode_k2_q1}, {decode_k3_q0, decode_k3_q1},
-    {decode_k4_q0, decode_k4_q1}, {decode_k5_q0, decode_k5_q1}, {decode_k6_q0, decode_k6_q1},
-    {decode_k7_q0, decode_k7_q1}, {decode_k8_q0, decode_k8_q1},
-};
+static const rows_fn decode_fns[9] = {0, decode_k1, decode_k2, decode_k3, decode_k4,
+                                      decode_k5, decode_k6, decode_k7, decode_k8};
 
 #define DEF_MULTI(T) \
     static void multi_t##T(const bd_gemv *a, int64_t n, int m0) { tile_avx2(a, n, 1, m0, T); }
@@ -245,7 +348,7 @@ static const multi_fn multi_fns[9] = {0, multi_t1, multi_t2, multi_t3, multi_t4,
 
 static void rows_avx2(const bd_gemv *a, int64_t n0, int64_t n1) {
     if (a->M == 1) {
-        decode_fns[a->k][a->QB == 64](a, n0, n1);
+        decode_fns[a->k](a, n0, n1);
         return;
     }
     for (int64_t n = n0; n < n1; n++)
@@ -273,6 +376,39 @@ BD_INLINE int32_t hsum_epi32(__m256i v) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
     return _mm_cvtsi128_si32(s);
+}
+
+/* One token (M = 1): d_u and Q per 32-column block into dxv / dxt (int32), then xq reordered in place
+ * into the slice layout of the decode kernel (see "decode (M = 1)" above). */
+static void permute_single(bd_gemv *a) {
+    const int64_t nblk = a->Kp / 32, RB8 = a->Kp / 8; /* Kp / 8 = RB rounded up to 8 bytes */
+    const int sh = a->QB == 64 ? 1 : 0;
+    float *d32 = a->dxv;
+    int32_t *q32 = (int32_t *)a->dxt;
+    int8_t *xq = a->xq, tmp[256];
+    for (int64_t b = 0; b < nblk; b++) {
+        int32_t q = 0;
+        for (int j = 0; j < 32; j++) q += xq[32 * b + j];
+        q32[b] = q;
+        d32[b] = a->dx[b >> sh];
+    }
+    for (int64_t b = nblk; b < nblk + 8; b++) q32[b] = 0, d32[b] = 0.0f;
+    const int64_t nsb = a->RB >> 5;
+    for (int64_t s = 0; s < nsb; s++) {
+        int8_t *x = xq + 256 * s;
+        memcpy(tmp, x, 256);
+        for (int i = 0; i < 8; i++)
+            for (int b = 0; b < 32; b++) x[32 * i + b] = tmp[8 * b + i];
+    }
+    for (int64_t o = 32 * nsb; o < RB8;) { /* tail pieces: the same widths as decode_tile picks */
+        const int64_t rem = a->RB - o;
+        const int W = rem > 8 ? 16 : 8;
+        int8_t *x = xq + 8 * o;
+        memcpy(tmp, x, (size_t)(8 * W));
+        for (int i = 0; i < 8; i++)
+            for (int b = 0; b < W; b++) x[W * i + b] = tmp[8 * b + i];
+        o += W;
+    }
 }
 
 static void prepare_avx2(bd_gemv *a) {
@@ -313,6 +449,7 @@ static void prepare_avx2(bd_gemv *a) {
         }
         for (int64_t u = a->nu; u < a->nu_pad; u++) dx[u] = qs[u] = 0.0f;
     }
+    if (a->M == 1) permute_single(a);
 }
 
 /* Bandwidth probe: 8 interleaved sequential streams (see avx512_common.h). */

@@ -395,6 +395,8 @@ static PyObject *py_decoder_step(PyObject *self, PyObject *const *args, Py_ssize
 #if defined(__x86_64__) || defined(_M_X64)
     if (strcmp(d->isa->name, "avx512") == 0)
         wb = bd_decode_step_avx512(d, tok, pos, (float *)lp);
+    else if (strcmp(d->isa->name, "avx2") == 0)
+        wb = bd_decode_step_avx2(d, tok, pos, (float *)lp);
     else
 #endif
         wb = bd_decode_step(d, tok, pos, (float *)lp);
@@ -424,6 +426,7 @@ typedef struct {
 static void (*dequant_impl(void))(const bd_dequant *, int64_t, int64_t) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (strcmp(ISAS[DEFAULT_ISA].name, "avx512") == 0) return bd_dequant_rows_avx512;
+    if (strcmp(ISAS[DEFAULT_ISA].name, "avx2") == 0) return bd_dequant_rows_avx2;
 #endif
     return bd_dequant_rows;
 }
