@@ -86,6 +86,27 @@ BD_INLINE float offset_term(const bd_gemv *a, const uint16_t *s16, const uint16_
     return r;
 }
 
+/* The offset term of one row and token as 8 partial sums (the scalar remainder in lane 0). */
+BD_INLINE __m256 offset_vec(const bd_gemv *a, const uint16_t *s16, const uint16_t *m16, const float *xs) {
+    __m256 o = _mm256_setzero_ps();
+    const __m256 h = _mm256_set1_ps(a->hmid);
+    int64_t g = 0;
+    for (; g + 8 <= a->ng; g += 8) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + g)));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m16 + g)));
+        o = _mm256_fmadd_ps(_mm256_fmadd_ps(s, h, m), _mm256_loadu_ps(xs + g), o);
+    }
+    float r = 0.0f;
+    for (; g < a->ng; g++) r += (_cvtsh_ss(m16[g]) + a->hmid * _cvtsh_ss(s16[g])) * xs[g];
+    return _mm256_add_ps(o, _mm256_setr_ps(r, 0, 0, 0, 0, 0, 0, 0));
+}
+
+/* The 4 horizontal sums of a, b, c, d. */
+BD_INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
 /* R rows x T tokens (T * R <= 8 accumulators). */
 BD_INLINE void tile_avx2(const bd_gemv *a, int64_t n, const int R, int m0, const int T) {
     const int64_t RB = a->RB, ps = a->pstride;
@@ -193,7 +214,14 @@ BD_INLINE __m256i place_bit2(__m256i P, const int i, const int w) {
  * planes P[0..np-1] (np <= 4, P[0] most significant). Slices i and i + 4 are built together: one shift
  * and one AND per plane move bit i to bit w and bit i + 4 to bit w + 4 (w = the plane's weight), so one
  * byte holds the codes of two columns, split by an AND and a shift. */
-BD_INLINE __m256i nibble_dot(const __m256i *P, const int np, const int8_t *xq) {
+BD_INLINE __m256i slice_x(const int8_t *xq, const int i, const int bcast) {
+    if (bcast) return _mm256_set1_epi64x(*(const int64_t __attribute__((may_alias, aligned(1))) *)(xq + 8 * i));
+    return _mm256_load_si256((const __m256i *)(xq + 32 * i));
+}
+
+/* bcast = 0: the activations of slice i are the 32 bytes at xq + 32 i (a superblock); bcast = 1: the 8
+ * bytes at xq + 8 i, broadcast (the 8-byte tails of 4 rows, tail4_dot). */
+BD_INLINE __m256i nibble_dot(const __m256i *P, const int np, const int8_t *xq, const int bcast) {
     const __m256i lo4 = _mm256_set1_epi8(0x0f);
     __m256i acc16 = _mm256_setzero_si256(); /* <= 8 pairs of 2 * 15 * 127 per lane: no overflow */
 #pragma GCC unroll 4
@@ -202,8 +230,8 @@ BD_INLINE __m256i nibble_dot(const __m256i *P, const int np, const int8_t *xq) {
 #pragma GCC unroll 3
         for (int q = 1; q < np; q++) c = _mm256_or_si256(c, place_bit2(P[q], i, np - 1 - q));
         const __m256i c0 = _mm256_and_si256(c, lo4), c1 = _mm256_and_si256(_mm256_srli_epi16(c, 4), lo4);
-        acc16 = _mm256_add_epi16(acc16, _mm256_maddubs_epi16(c0, _mm256_load_si256((const __m256i *)(xq + 32 * i))));
-        acc16 = _mm256_add_epi16(acc16, _mm256_maddubs_epi16(c1, _mm256_load_si256((const __m256i *)(xq + 32 * i + 128))));
+        acc16 = _mm256_add_epi16(acc16, _mm256_maddubs_epi16(c0, slice_x(xq, i, bcast)));
+        acc16 = _mm256_add_epi16(acc16, _mm256_maddubs_epi16(c1, slice_x(xq, i + 4, bcast)));
     }
     return _mm256_madd_epi16(acc16, _mm256_set1_epi16(1));
 }
@@ -214,8 +242,24 @@ BD_INLINE __m256i sb_dot(const uint8_t *p, int64_t ps, const int k, const int8_t
     __m256i P[8];
 #pragma GCC unroll 8
     for (int q = 0; q < k; q++) P[q] = _mm256_loadu_si256((const __m256i *)(p + q * ps));
-    if (k <= 4) return nibble_dot(P, k, xq);
-    return _mm256_add_epi32(_mm256_slli_epi32(nibble_dot(P, 4, xq), k - 4), nibble_dot(P + 4, k - 4, xq));
+    if (k <= 4) return nibble_dot(P, k, xq, 0);
+    return _mm256_add_epi32(_mm256_slli_epi32(nibble_dot(P, 4, xq, 0), k - 4), nibble_dot(P + 4, k - 4, xq, 0));
+}
+
+/* The 8-byte row tails (64 columns) of 4 consecutive rows at once: one qword per row in one register, so
+ * the tails are sliced like a superblock. xq: the tail's compact order (slice i at xq + 8 i). int32 lane
+ * l = row l / 2, 32-column block l % 2 of the tail. */
+BD_INLINE __m256i tail4_dot(const uint8_t *p, int64_t RB, int64_t ps, const int k, const int8_t *xq) {
+    __m256i P[8];
+#pragma GCC unroll 8
+    for (int q = 0; q < k; q++) {
+        const uint8_t *b = p + q * ps;
+        const __m128i lo = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(_mm_loadl_epi64((const __m128i *)b)), (const double *)(b + RB)));
+        const __m128i hi = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(_mm_loadl_epi64((const __m128i *)(b + 2 * RB))), (const double *)(b + 3 * RB)));
+        P[q] = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    }
+    if (k <= 4) return nibble_dot(P, k, xq, 1);
+    return _mm256_add_epi32(_mm256_slli_epi32(nibble_dot(P, 4, xq, 1), k - 4), nibble_dot(P + 4, k - 4, xq, 1));
 }
 
 /* The same for a tail piece of W = 16 or 8 bytes per plane row (nb <= W of them present). */
@@ -223,6 +267,7 @@ BD_INLINE __m256i piece_dot(const uint8_t *p, int64_t ps, const int k, const int
     const __m256i ones = _mm256_set1_epi16(1), one8 = _mm256_set1_epi8(1);
     const int kh = k < 8 ? k : 7, F = FLUSH(kh), nreg = W / 4;
     __m256i P[8];
+#pragma GCC unroll 8
     for (int q = 0; q < k; q++) {
         uint8_t buf[16] = {0};
         const uint8_t *src = p + q * ps;
@@ -234,11 +279,13 @@ BD_INLINE __m256i piece_dot(const uint8_t *p, int64_t ps, const int k, const int
         else P[q] = _mm256_set1_epi64x((long long)*(const uint64_t __attribute__((may_alias, aligned(1))) *)src);
     }
     __m256i acc32 = _mm256_setzero_si256(), acc16 = _mm256_setzero_si256(), accb = _mm256_setzero_si256();
+#pragma GCC unroll 4
     for (int j = 0; j < nreg; j++) {
         const __m256i cnt = W == 16 ? _mm256_setr_epi64x(2 * j, 2 * j, 2 * j + 1, 2 * j + 1)
                                     : _mm256_setr_epi64x(4 * j, 4 * j + 1, 4 * j + 2, 4 * j + 3);
         const __m256i xv = _mm256_load_si256((const __m256i *)(xq + 32 * j));
         __m256i c = _mm256_and_si256(_mm256_srlv_epi64(P[0], cnt), one8);
+#pragma GCC unroll 7
         for (int q = 1; q < kh; q++) /* Horner, MSB first: c = 2c + bit */
             c = _mm256_or_si256(_mm256_add_epi8(c, c), _mm256_and_si256(_mm256_srlv_epi64(P[q], cnt), one8));
         acc16 = _mm256_add_epi16(acc16, _mm256_maddubs_epi16(c, xv));
@@ -272,11 +319,15 @@ BD_INLINE __m256 sb_scales(const bd_gemv *a, const uint16_t *s16, int64_t s) {
     }
 }
 
+/* Prefetch distance of the decode pass, in bytes of each plane stream. On AMD Zen 3 (2 vCPUs) this
+ * stream prefetch beat bd_prefetch_rows (whole rows ahead): 2 threads, k = 3..4, ~10 -> ~14 GB/s
+ * (docs/kernels.md); 1024-4096 bytes were within noise of each other. */
+#ifndef BD_AVX2_PREFETCH
+#define BD_AVX2_PREFETCH 2048
+#endif
+
 /* R rows, one token (k fixed). d32 / q32: d_u and Q (int32) per 32-column block, written by prepare. */
 BD_INLINE void decode_tile(const bd_gemv *a, int64_t n, const int R, const int k) {
-#ifndef BD_STREAM_PF
-    bd_prefetch_rows(a, n, R, k);
-#endif
     const int64_t RB = a->RB, ps = a->pstride, nsb = RB >> 5;
     const float *d32 = a->dxv;
     const int32_t *q32 = (const int32_t *)a->dxt;
@@ -288,15 +339,14 @@ BD_INLINE void decode_tile(const bd_gemv *a, int64_t n, const int R, const int k
 #pragma GCC unroll 1
         for (int r = 0; r < R; r++) { /* not unrolled: one row's slices already fill the registers */
             const uint8_t *p = a->planes + (n + r) * RB + 32 * s;
-#ifdef BD_STREAM_PF
-            if (BD_STREAM_PF > 0 && !(s & 1))
-                for (int q = 0; q < k; q++) __builtin_prefetch(p + q * ps + BD_STREAM_PF, 0, 3);
-#endif
+            if (!(s & 1)) /* each plane is one sequential stream over the rows: prefetch it ahead */
+                for (int q = 0; q < k; q++) __builtin_prefetch(p + q * ps + BD_AVX2_PREFETCH, 0, 3);
             const __m256i I = _mm256_sub_epi32(sb_dot(p, ps, k, a->xq + 256 * s), qv);
             const __m256 f = _mm256_mul_ps(sb_scales(a, a->scales + (n + r) * a->ng, s), dv);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), f, acc[r]);
         }
     }
+    __m256 tacc = _mm256_setzero_ps(); /* 4-row tails: lanes 2r, 2r + 1 belong to row n + r */
     for (int64_t o = 32 * nsb; o < RB;) { /* the tail: pieces of 16 or 8 bytes */
         const int64_t rem = RB - o;
         const int W = rem > 8 ? 16 : 8, nb = rem < W ? (int)rem : W, nbk = W / 4;
@@ -307,6 +357,21 @@ BD_INLINE void decode_tile(const bd_gemv *a, int64_t n, const int R, const int k
         const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(nbk), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         const __m256i qv = _mm256_and_si256(first, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(q32 + b0)), k - 1));
         const __m256 dv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(d32 + b0), idx);
+        if (R == 4 && W == 8 && nb == 8) { /* the usual tail of K = 64 (mod 256), e.g. K = 576: 4 rows at once */
+            const __m256i qv4 = _mm256_slli_epi32(_mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(q32 + b0)), idx), k - 1);
+            float sv[8];
+            for (int r = 0; r < 4; r++) {
+                const uint16_t *s16 = a->scales + (n + r) * a->ng;
+                for (int l = 0; l < 2; l++) {
+                    const int64_t col = 32 * (b0 + l);
+                    sv[2 * r + l] = col < a->K ? _cvtsh_ss(s16[col >> a->log2G]) : 0.0f;
+                }
+            }
+            const __m256i I = _mm256_sub_epi32(tail4_dot(a->planes + n * RB + o, RB, ps, k, a->xq + 8 * o), qv4);
+            tacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(_mm256_loadu_ps(sv), dv), tacc);
+            o += W;
+            continue;
+        }
         for (int r = 0; r < R; r++) {
             const uint16_t *s16 = a->scales + (n + r) * a->ng;
             float sv[8] = {0};
@@ -316,14 +381,25 @@ BD_INLINE void decode_tile(const bd_gemv *a, int64_t n, const int R, const int k
             }
             const __m256 f = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(sv), idx), dv);
             const uint8_t *p = a->planes + (n + r) * RB + o;
-            const __m256i I = _mm256_sub_epi32(piece_dot(p, ps, k, W, nb, a->xq + 8 * o), qv);
+            const __m256i I = _mm256_sub_epi32(W == 16 ? piece_dot(p, ps, k, 16, nb, a->xq + 8 * o)
+                                                       : piece_dot(p, ps, k, 8, nb, a->xq + 8 * o), qv);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), f, acc[r]);
         }
         o += W;
     }
+    const __m256 L = _mm256_set1_ps(a->L);
+    if (R == 4) { /* y = L (main + tails) + offset, the 4 rows reduced together */
+        __m256 t[4];
+        for (int r = 0; r < 4; r++)
+            t[r] = _mm256_fmadd_ps(acc[r], L, offset_vec(a, a->scales + (n + r) * a->ng, a->offsets + (n + r) * a->ng, a->xs));
+        const __m256 th = _mm256_hadd_ps(tacc, tacc); /* lanes 0, 1 | 4, 5: the row pairs */
+        const __m128 tails = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(th, _mm256_setr_epi32(0, 1, 4, 5, 0, 1, 4, 5)));
+        _mm_storeu_ps(a->y + n, _mm_fmadd_ps(tails, _mm256_castps256_ps128(L), hsum4(t[0], t[1], t[2], t[3])));
+        return;
+    }
     for (int r = 0; r < R; r++) {
         const uint16_t *s16 = a->scales + (n + r) * a->ng, *m16 = a->offsets + (n + r) * a->ng;
-        a->y[n + r] = a->L * hsum256(acc[r]) + offset_term(a, s16, m16, a->xs);
+        a->y[n + r] = hsum256(_mm256_fmadd_ps(acc[r], L, offset_vec(a, s16, m16, a->xs)));
     }
 }
 
