@@ -117,7 +117,8 @@ def main() -> None:
 
     def kernel_args(k: int, isa_id: int) -> list[tuple]:
         return [(qt.planes.data_ptr(), qt.scales.data_ptr(), qt.offsets.data_ptr(), xs[qt.shape[1]].data_ptr(),
-                 y.data_ptr(), qt.shape[0], qt.shape[1], qt.group_size, qt.max_bits, k, 1, isa_id)
+                 y.data_ptr(), qt.shape[0], qt.shape[1], qt.group_size, qt.max_bits, k, 1, isa_id,
+                 BK.plane_stride(qt))
                 for (_, qt), y in zip(stack, outs)]
 
     def pass_native(args: list[tuple]) -> float:

@@ -203,3 +203,20 @@ def test_fused_dense_real_model(smol_model):
         smol_model.fast_decode = keep
     assert (a - b).abs().max() <= 1e-4 * b.abs().max()
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_fused_with_padded_plane_stride(art_path):
+    """Planes copied to a padded plane stride (pad_planes) give bit-identical fused decode steps."""
+    from bitdial.runtime.fused import FusedDecoder
+
+    model = build_model(art_path, 3)
+    prompt = [4, 8, 15, 16]
+    ref = _run(model, prompt, 4, True)
+    mods = [m for m in model.modules() if hasattr(m, "qt") and m.qt.method == "uniform"]
+    assert mods
+    for m in mods:
+        m.qt = BK.pad_planes(m.qt, force=True)
+        assert BK.plane_stride(m.qt) % 4096
+    model.fast_decode = FusedDecoder(model)
+    assert model.fast_decode.reason is None
+    assert torch.equal(_run(model, prompt, 4, True), ref)

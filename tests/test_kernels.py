@@ -333,3 +333,36 @@ def test_pool_jobs_with_a_busy_core() -> None:
     finally:
         busy.kill()
         BK.set_threads(before)
+
+
+def test_padded_plane_stride_gives_identical_results(one_torch_thread) -> None:
+    """pad_planes spaces the planes off the 4 KiB grid; every kernel reads them through the plane stride."""
+    gen = torch.Generator().manual_seed(5)
+    for N, K, G in ((192, 576, 32), (17, 200, 64), (64, 512, 64)):
+        qt = random_qt(N, K, G, 8, gen)
+        pq = BK.pad_planes(qt, force=True)
+        RB = (K + 7) // 8
+        assert BK.plane_stride(qt) == N * RB
+        assert BK.plane_stride(pq) > N * RB and BK.plane_stride(pq) % 4096 and not pq.planes.is_contiguous()
+        assert torch.equal(pq.planes, qt.planes) and BK.supports(pq)
+        for M in (1, 5):
+            x = random_x(M, K, gen)
+            for k in (1, 3, 5, 8):
+                for isa in ISAS:
+                    assert torch.equal(BK.gemv(pq, x, k, isa=isa), BK.gemv(qt, x, k, isa=isa)), (isa, N, K, k, M)
+        for k in (2, 8):
+            a, b = torch.empty(N, K), torch.empty(N, K)
+            assert torch.equal(BK.dequant(pq, k, 0, N, a), BK.dequant(qt, k, 0, N, b))
+        assert torch.equal(pq.dequantize(4), qt.dequantize(4))
+    on_grid = random_qt(64, 512, 64, 8, gen)  # N * RB = 4096: padded without force
+    assert BK.plane_stride(BK.pad_planes(on_grid)) % 4096
+    off_grid = random_qt(17, 200, 64, 8, gen)
+    assert BK.pad_planes(off_grid) is off_grid
+
+
+def test_plane_stride_below_the_planes_is_refused() -> None:
+    qt = random_qt(8, 64, 32, 8, torch.Generator().manual_seed(1))
+    x, y = torch.randn(1, 64), torch.empty(1, 8)
+    with pytest.raises(ValueError, match="plane stride"):
+        BK._native.gemv(qt.planes.data_ptr(), qt.scales.data_ptr(), qt.offsets.data_ptr(), x.data_ptr(),
+                        y.data_ptr(), 8, 64, 32, 8, 3, 1, -1, 8 * 8 - 1)

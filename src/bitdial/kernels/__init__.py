@@ -23,6 +23,7 @@ the torch reference, with a warning logged once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -132,8 +133,45 @@ def supports(qt: QuantizedTensor) -> bool:
     if _native is None or qt.method != "uniform":
         return False
     G = qt.group_size
-    return (G is not None and G >= 32 and G & (G - 1) == 0 and qt.planes.is_contiguous()
+    return (G is not None and G >= 32 and G & (G - 1) == 0 and _planes_ok(qt.planes)
             and qt.scales.is_contiguous() and qt.offsets.is_contiguous() and qt.planes.device.type == "cpu")
+
+
+def _planes_ok(planes: torch.Tensor) -> bool:
+    """Planes [B, N, RB] with contiguous plane rows; the planes themselves may be spaced further apart than
+    N * RB bytes (a padded plane stride, see :func:`pad_planes`)."""
+    if planes.dtype != torch.uint8 or planes.ndim != 3:
+        return False
+    B, N, RB = planes.shape
+    s = planes.stride()
+    return (RB <= 1 or s[2] == 1) and (N <= 1 or s[1] == RB) and (B <= 1 or s[0] >= N * RB)
+
+
+def plane_stride(qt: QuantizedTensor) -> int:
+    """Bytes between the starts of consecutive planes of qt (N * RB when the planes are contiguous)."""
+    B, N, RB = qt.planes.shape
+    return int(qt.planes.stride(0)) if B > 1 else N * RB
+
+
+def pad_planes(qt: QuantizedTensor, *, force: bool = False) -> QuantizedTensor:
+    """qt with its planes copied to a buffer whose plane stride is not a multiple of 4 KiB, when it is.
+
+    A decode pass reads the k plane rows of a weight row together: with a plane stride that is a multiple of
+    4 KiB (every Llama shape: N * ceil(K / 8) bytes) their cache lines share one L1 set, all 8 ways at
+    k = 8 (docs/kernels.md, "Plane-stride aliasing"). The copy spaces the planes by N * RB rounded up to
+    4 KiB plus 2112 bytes (half a page and a line), so the k streams fall into different sets. It costs
+    one copy of the planes in RAM (an mmapped artifact is then no longer read for them). Returns qt itself
+    when its stride is already off the 4 KiB grid (unless ``force``), or for a single plane.
+    """
+    B, N, RB = qt.planes.shape
+    ps = N * RB
+    if B < 2 or (ps % 4096 and not force):
+        return qt
+    stride = -(-ps // 4096) * 4096 + 2112
+    buf = torch.empty((B - 1) * stride + ps, dtype=torch.uint8)
+    planes = buf.as_strided((B, N, RB), (stride, RB, 1))
+    planes.copy_(qt.planes)
+    return dataclasses.replace(qt, planes=planes)
 
 
 def _reference(qt: QuantizedTensor, x: torch.Tensor, k: int, out: torch.Tensor | None) -> torch.Tensor:
@@ -188,7 +226,7 @@ def gemv(qt: QuantizedTensor, x: torch.Tensor, k: int, out: torch.Tensor | None 
             _warned = True
         return _reference(qt, x, k, out)
     _native.gemv(c[3][0], c[3][1], c[3][2], x.data_ptr(), out.data_ptr(), N, K, c[6], B, k, M,
-                 -1 if isa is None else _isa_id(isa))
+                 -1 if isa is None else _isa_id(isa), c[3][3])
     return out
 
 
@@ -210,7 +248,7 @@ def _prepare(qt: QuantizedTensor) -> tuple:
         if not supports(qt):
             raise ValueError(f"native gemv needs a power-of-two group size >= 32 and contiguous CPU planes, "
                              f"scales and offsets (group_size={qt.group_size})")
-        ptrs = (qt.planes.data_ptr(), qt.scales.data_ptr(), qt.offsets.data_ptr())
+        ptrs = (qt.planes.data_ptr(), qt.scales.data_ptr(), qt.offsets.data_ptr(), plane_stride(qt))
     c = (qt.planes, qt.scales, qt.offsets, ptrs, N, K, qt.group_size, qt.max_bits)
     qt.__dict__["_bd_native"] = c
     return c
@@ -233,7 +271,8 @@ def dequant(qt: QuantizedTensor, k: int, n0: int, n1: int, out: torch.Tensor) ->
             or not out.is_cpu):
         raise ValueError(f"out must be a contiguous fp32 or bf16 CPU tensor [{n1 - n0}, {K}], got {out.dtype} "
                          f"{tuple(out.shape)}")
-    _native.dequant(c[3][0], c[3][1], c[3][2], N, K, G, B, k, n0, n1, out.data_ptr(), int(out.dtype == torch.bfloat16))
+    _native.dequant(c[3][0], c[3][1], c[3][2], N, K, G, B, k, n0, n1, out.data_ptr(), int(out.dtype == torch.bfloat16),
+                    c[3][3])
     return out
 
 

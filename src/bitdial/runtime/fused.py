@@ -132,11 +132,12 @@ class FusedDecoder:
             if self.dense:  # B = 0: a dense fp32 weight (csrc/decode.h)
                 w = mod.weight.detach()
                 N, K = w.shape
-                head += [_ptr(w), 0, 0, _ptr(bias), N, K, 0, 0]
+                head += [_ptr(w), 0, 0, _ptr(bias), N, K, 0, 0, 0]
                 continue
             qt = mod.qt
             N, K = qt.shape
-            head += [_ptr(qt.planes), _ptr(qt.scales), _ptr(qt.offsets), _ptr(bias), N, K, qt.group_size, qt.max_bits]
+            head += [_ptr(qt.planes), _ptr(qt.scales), _ptr(qt.offsets), _ptr(bias), N, K, qt.group_size, qt.max_bits,
+                     _kernels.plane_stride(qt)]
         self._desc = torch.tensor(head, dtype=torch.int64)
         self._keep = keep
         self._handle = _kernels._native.decoder_new(self._desc.data_ptr(), self._desc.numel(), -1)

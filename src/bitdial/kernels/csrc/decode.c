@@ -166,7 +166,7 @@ static void gemv_setup(bd_gemv *a, const bd_lin *L, int k, const float *x, float
     a->k = k;
     a->RB = (L->K + 7) / 8;
     a->ng = (L->K + L->G - 1) / L->G;
-    a->pstride = L->N * a->RB;
+    a->pstride = L->pstride;
     a->L = (float)(1 << (L->B - k));
     a->h = (a->L - 1.0f) * 0.5f;
     a->cmid = (float)(1 << (k - 1));
@@ -364,7 +364,7 @@ static void embed_row(const bd_lin *E, int k, int64_t row, float *out) {
     for (int64_t j = 0; j < K; j++) {
         int c = 0;
         for (int p = 0; p < k; p++) {
-            const uint8_t byte = E->planes[(size_t)p * E->N * RB + row * RB + (j >> 3)];
+            const uint8_t byte = E->planes[(size_t)p * E->pstride + row * RB + (j >> 3)];
             c = (c << 1) | ((byte >> (j & 7)) & 1);
         }
         const int64_t g = j / E->G;
@@ -542,11 +542,12 @@ bd_decoder *bd_decoder_new(const int64_t *desc, int64_t n, const bd_isa *isa, co
         W->G = (int)p[6];
         W->B = (int)p[7];
         W->log2G = ilog2_exact(p[6]);
+        W->pstride = p[8] ? p[8] : W->N * ((W->K + 7) / 8);
         *err = "a linear has a null pointer, bad sizes or a group size that is not a power of two >= 32";
         if (W->B == 0) { /* dense fp32 [N, K] in planes */
             if (!W->planes || W->N < 1 || W->K < 1) goto fail;
         } else if (!W->planes || !W->scales || !W->offsets || W->N < 1 || W->K < 1 || W->B < 1 || W->B > 8 ||
-                   W->G < 32 || W->log2G < 0) {
+                   W->G < 32 || W->log2G < 0 || W->pstride < W->N * ((W->K + 7) / 8)) {
             goto fail;
         }
         if (W->K > kmax) kmax = W->K;

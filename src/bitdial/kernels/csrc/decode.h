@@ -4,7 +4,8 @@
  *   [0 .. DESC_HEAD)                      model: DESC_* below
  *   then L x DESC_PER_LAYER               attn_norm, ffn_norm, q_norm (0 = none), k_norm (0 = none),
  *                                         k cache, v cache (fp32 [Hk, S_max, Hd] of sequence 0)
- *   then (7L + 2) x DESC_PER_LIN          planes, scales, offsets, bias (0 = none), N, K, G, B
+ *   then (7L + 2) x DESC_PER_LIN          planes, scales, offsets, bias (0 = none), N, K, G, B,
+ *                                         plane stride in bytes (0 = N * ceil(K / 8))
  *                                         for slots 7l+j (q,k,v,o,gate,up,down), 7L = lm_head, 7L+1 = embedding;
  *                                         B = 0: a dense fp32 weight [N, K] at `planes` (the fp32 decoder)
  * Shared arrays (owned by Python, read or written at every step):
@@ -27,7 +28,7 @@ enum {
     DESC_HEAD
 };
 #define DESC_PER_LAYER 6
-#define DESC_PER_LIN 8
+#define DESC_PER_LIN 9
 
 enum { BD_RULE_ON, BD_RULE_LOW, BD_RULE_HIGH, BD_RULE_THRESHOLD, BD_RULE_A, BD_RULE_C, BD_RULE_B, BD_RULE_COLS };
 
@@ -36,6 +37,7 @@ typedef struct {
     const uint16_t *scales, *offsets;
     const float *bias;
     int64_t N, K;
+    int64_t pstride; /* bytes between planes */
     int G, log2G, B;
 } bd_lin;
 

@@ -48,7 +48,7 @@ static inline void block32(const uint8_t *p0, int64_t ps, int k, int64_t j0, flo
 }
 
 void DQ_NAME(const bd_dequant *a, int64_t n0, int64_t n1) {
-    const int64_t K = a->K, RB = (K + 7) / 8, ng = (K + a->G - 1) / a->G, ps = a->N * RB;
+    const int64_t K = a->K, RB = (K + 7) / 8, ng = (K + a->G - 1) / a->G, ps = a->pstride;
     const int k = a->k;
     const float L = (float)(1 << (a->B - k)), h = (L - 1.0f) * 0.5f;
     const int64_t K32 = K / 32 * 32;

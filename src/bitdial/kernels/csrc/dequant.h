@@ -9,6 +9,7 @@ typedef struct {
     const uint16_t *scales;   /* fp16 [N, ng] */
     const uint16_t *offsets;  /* fp16 [N, ng] */
     int64_t N, K;
+    int64_t pstride;          /* bytes between planes (>= N * ceil(K / 8)) */
     int G, B, k;
     int bf16;                 /* 0: out is fp32, 1: out is bf16 (uint16 bits) */
     void *out;                /* [n1 - row0, K] row-major */

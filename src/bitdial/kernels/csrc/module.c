@@ -174,8 +174,8 @@ static int int_args(PyObject *const *args, Py_ssize_t nargs, int n, long long *v
 
 static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long v[12];
-    if (int_args(args, nargs, 12, v, "gemv(planes, scales, offsets, x, y, N, K, G, B, k, M, isa)")) return NULL;
+    long long v[13];
+    if (int_args(args, nargs, 13, v, "gemv(planes, scales, offsets, x, y, N, K, G, B, k, M, isa, pstride)")) return NULL;
     bd_gemv a;
     memset(&a, 0, sizeof a);
     a.planes = (const uint8_t *)(uintptr_t)v[0];
@@ -210,7 +210,11 @@ static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     a.RB = (a.K + 7) / 8;
     a.ng = (a.K + a.G - 1) / a.G;
-    a.pstride = a.N * a.RB;
+    a.pstride = v[12] ? v[12] : a.N * a.RB; /* bytes between planes (0: contiguous planes) */
+    if (a.pstride < a.N * a.RB) {
+        PyErr_Format(PyExc_ValueError, "gemv: plane stride %lld is below N * ceil(K / 8) = %lld", v[12], (long long)(a.N * a.RB));
+        return NULL;
+    }
     a.L = (float)(1 << (a.B - a.k));
     a.h = (a.L - 1.0f) * 0.5f;
     a.cmid = (float)(1 << (a.k - 1));
@@ -443,8 +447,8 @@ static void dq_task(void *ctx, int tid, int nth) {
 
 static PyObject *py_dequant(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long v[12];
-    if (int_args(args, nargs, 12, v, "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out, bf16)")) return NULL;
+    long long v[13];
+    if (int_args(args, nargs, 13, v, "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out, bf16, pstride)")) return NULL;
     bd_dequant a;
     a.planes = (const uint8_t *)(uintptr_t)v[0];
     a.scales = (const uint16_t *)(uintptr_t)v[1];
@@ -454,6 +458,11 @@ static PyObject *py_dequant(PyObject *self, PyObject *const *args, Py_ssize_t na
     a.out = (void *)(uintptr_t)v[10];
     a.bf16 = v[11] != 0;
     a.row0 = n0;
+    a.pstride = v[12] ? v[12] : a.N * ((a.K + 7) / 8);
+    if (a.pstride < a.N * ((a.K + 7) / 8)) {
+        PyErr_SetString(PyExc_ValueError, "dequant: plane stride below N * ceil(K / 8)");
+        return NULL;
+    }
     if (!a.planes || !a.scales || !a.offsets || !a.out || a.N < 1 || a.K < 1 || a.B < 1 || a.B > 8 || a.k < 1 ||
         a.k > a.B || a.G < 32 || a.G % 32 || n0 < 0 || n1 > a.N || n0 >= n1) {
         PyErr_SetString(PyExc_ValueError, "dequant: bad pointers, sizes, widths or row range");
@@ -560,7 +569,7 @@ static PyMethodDef METHODS[] = {
     {"decoder_stats", py_decoder_stats, METH_O,
      "decoder_stats(decoder) -> (steps, ns in steps, ns in GEMV jobs) since the last call (resets them)"},
     {"dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL,
-     "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out_ptr, bf16): rows n0..n1 of the k-bit view"},
+     "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out_ptr, bf16, pstride): rows n0..n1 of the k-bit view"},
     {"isas", py_isas, METH_NOARGS, "((family, variant, supported), ...) in preference order"},
     {"isa_id", py_isa_id, METH_O, "isa_id(family or variant) -> index of the best supported entry (ValueError if none)"},
     {"default_isa", py_default_isa, METH_NOARGS, "(index, family, variant) of the ISA used when isa = -1"},
