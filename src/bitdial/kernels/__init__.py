@@ -246,8 +246,8 @@ def _prepare(qt: QuantizedTensor) -> tuple:
     ptrs = None
     if _native is not None:
         if not supports(qt):
-            raise ValueError(f"native gemv needs a power-of-two group size >= 32 and contiguous CPU planes, "
-                             f"scales and offsets (group_size={qt.group_size})")
+            raise ValueError(f"native gemv needs a power-of-two group size >= 32, CPU planes with contiguous rows and "
+                             f"contiguous scales and offsets (group_size={qt.group_size})")
         ptrs = (qt.planes.data_ptr(), qt.scales.data_ptr(), qt.offsets.data_ptr(), plane_stride(qt))
     c = (qt.planes, qt.scales, qt.offsets, ptrs, N, K, qt.group_size, qt.max_bits)
     qt.__dict__["_bd_native"] = c

@@ -44,7 +44,7 @@ typedef struct bd_gemv {
     const uint16_t *scales;   /* fp16 bits [N, ng] */
     const uint16_t *offsets;  /* fp16 bits [N, ng] */
     int64_t N, K, RB, ng;
-    int64_t pstride;          /* N * RB: bytes between planes */
+    int64_t pstride;          /* bytes between planes: N * RB, or more for padded planes (pad_planes) */
     int G, log2G, B, k;
     float L;                  /* 2^(B-k): code units of the k-bit view in B-bit steps */
     float h;                  /* (L - 1) / 2: mid-interval offset of a k-bit code, in B-bit steps */

@@ -71,22 +71,8 @@ BD_INLINE float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* sum_g a_g X_g (a_g = m_g + hmid s_g) for one row and one token. */
-BD_INLINE float offset_term(const bd_gemv *a, const uint16_t *s16, const uint16_t *m16, const float *xs) {
-    __m256 o = _mm256_setzero_ps();
-    const __m256 h = _mm256_set1_ps(a->hmid);
-    int64_t g = 0;
-    for (; g + 8 <= a->ng; g += 8) {
-        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + g)));
-        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m16 + g)));
-        o = _mm256_fmadd_ps(_mm256_fmadd_ps(s, h, m), _mm256_loadu_ps(xs + g), o);
-    }
-    float r = hsum256(o);
-    for (; g < a->ng; g++) r += (_cvtsh_ss(m16[g]) + a->hmid * _cvtsh_ss(s16[g])) * xs[g];
-    return r;
-}
-
-/* The offset term of one row and token as 8 partial sums (the scalar remainder in lane 0). */
+/* sum_g a_g X_g (a_g = m_g + hmid s_g) for one row and one token, as 8 partial sums (the scalar remainder
+ * in lane 0). */
 BD_INLINE __m256 offset_vec(const bd_gemv *a, const uint16_t *s16, const uint16_t *m16, const float *xs) {
     __m256 o = _mm256_setzero_ps();
     const __m256 h = _mm256_set1_ps(a->hmid);
@@ -162,7 +148,7 @@ BD_INLINE void tile_avx2(const bd_gemv *a, int64_t n, const int R, int m0, const
         const uint16_t *s16 = a->scales + (n + r) * a->ng, *m16 = a->offsets + (n + r) * a->ng;
         for (int t = 0; t < T; t++)
             a->y[(int64_t)(m0 + t) * a->N + n + r] =
-                a->L * (hsum256(acc[t][r]) - corr[t][r]) + offset_term(a, s16, m16, a->xs + (int64_t)(m0 + t) * a->ng_pad);
+                a->L * (hsum256(acc[t][r]) - corr[t][r]) + hsum256(offset_vec(a, s16, m16, a->xs + (int64_t)(m0 + t) * a->ng_pad));
     }
 }
 
@@ -182,13 +168,12 @@ BD_INLINE void tile_avx2(const bd_gemv *a, int64_t n, const int R, int m0, const
  *                                         col 8b+7   8b+1   8b      (of the superblock)
  *   slice i = bit i of bytes 0..31   ->  columns i, 8+i, 16+i, ..., 248+i  ->  xq[256 s + 32 i .. + 31]
  *
- * Per slice that is 2k + 1 simple ops for 32 columns (vs 6 per plane for a byte-wise expansion). The
- * int32 lane l of vpmaddwd(vpmaddubsw(c, q), 1) sums bytes 4l..4l+3 of the slice, i.e. columns of the
- * 32-column block l of the superblock, for every slice: the lanes are the superblock's 8 blocks, so
- * scales and activation scales apply per lane (f_l = s_g(l) d_u(l)), and the centering term
- * 2^(k-1) Q_l is subtracted exactly in int32 (Q_l: the sum of q over block l, written by prepare).
- * vpmaddubsw pairs stay below 2^15 for codes <= 127; their int16 sums are widened every F slices
- * (F = 8 up to 4 bits: 16 (2^k - 1) 127 < 2^15), and at 8 bits the code is split as 2 c7 + b0.
+ * Codes of up to 4 bits go two per byte (slices i and i + 4, nibble_dot); above 4 bits the top 4 planes
+ * and the remaining k - 4 are two such nibbles. The int32 lane l of vpmaddwd(vpmaddubsw(c, q), 1) sums
+ * bytes 4l..4l+3 of a slice, i.e. columns of the 32-column block l of the superblock, for every slice:
+ * the lanes are the superblock's 8 blocks, so scales and activation scales apply per lane
+ * (f_l = s_g(l) d_u(l)), and the centering term 2^(k-1) Q_l is subtracted exactly in int32 (Q_l: the sum
+ * of q over block l, written by prepare).
  *
  * The row tail (fewer than 32 bytes left) goes in pieces of W = 16 or 8 bytes, broadcast to the whole
  * register (2 or 4 copies) and sliced with per-qword shift counts (vpsrlvq), 4 or 2 registers per piece:
@@ -196,7 +181,9 @@ BD_INLINE void tile_avx2(const bd_gemv *a, int64_t n, const int R, int m0, const
  *   tail piece at byte o, width W:  xq[8 o + W i + b] = q[8 (o + b) + i],  b < W
  *
  * so that register j of a piece holds slices (W/8) j .. (W/8) j + W/8 - 1 and lane l is block l mod W/4
- * of the piece. Bytes past the row end are never read (partial pieces are copied to a zeroed buffer).
+ * of the piece (piece_dot: Horner over the planes, int16 sums widened every F registers, at 8 bits the
+ * code split as 2 c7 + b0). The usual 8-byte tail of 4 rows at once is sliced like a superblock
+ * (tail4_dot). Bytes past the row end are never read (partial pieces are copied to a zeroed buffer).
  */
 
 /* Bits i and i + 4 of every byte of P moved to bits w and w + 4 (i < 4, w < 4), all other bits 0. */
@@ -210,17 +197,17 @@ BD_INLINE __m256i place_bit2(__m256i P, const int i, const int w) {
 /* Slices per int16 flush: F pairs of 2 (2^kh - 1) 127 stay below 2^15. */
 #define FLUSH(kh) ((kh) <= 4 ? 8 : 1 << (7 - (kh)))
 
-/* int32 lanes: sum of c_j q_j over each 32-column block of a full superblock, c = the np-bit code of
- * planes P[0..np-1] (np <= 4, P[0] most significant). Slices i and i + 4 are built together: one shift
- * and one AND per plane move bit i to bit w and bit i + 4 to bit w + 4 (w = the plane's weight), so one
- * byte holds the codes of two columns, split by an AND and a shift. */
+/* The activations of slice i. bcast = 0: the 32 bytes at xq + 32 i (a superblock); bcast = 1: the 8
+ * bytes at xq + 8 i, broadcast (the 8-byte tails of 4 rows, tail4_dot). */
 BD_INLINE __m256i slice_x(const int8_t *xq, const int i, const int bcast) {
     if (bcast) return _mm256_set1_epi64x(*(const int64_t __attribute__((may_alias, aligned(1))) *)(xq + 8 * i));
     return _mm256_load_si256((const __m256i *)(xq + 32 * i));
 }
 
-/* bcast = 0: the activations of slice i are the 32 bytes at xq + 32 i (a superblock); bcast = 1: the 8
- * bytes at xq + 8 i, broadcast (the 8-byte tails of 4 rows, tail4_dot). */
+/* int32 lanes: sum of c_j q_j over each 32-column block, c = the np-bit code of planes P[0..np-1]
+ * (np <= 4, P[0] most significant). Slices i and i + 4 are built together: one shift and one AND per
+ * plane move bit i to bit w and bit i + 4 to bit w + 4 (w = the plane's weight), so one byte holds the
+ * codes of two columns, split by an AND and a shift. Activations as slice_x(bcast). */
 BD_INLINE __m256i nibble_dot(const __m256i *P, const int np, const int8_t *xq, const int bcast) {
     const __m256i lo4 = _mm256_set1_epi8(0x0f);
     __m256i acc16 = _mm256_setzero_si256(); /* <= 8 pairs of 2 * 15 * 127 per lane: no overflow */
@@ -319,6 +306,16 @@ BD_INLINE __m256 sb_scales(const bd_gemv *a, const uint16_t *s16, int64_t s) {
     }
 }
 
+/* Width in bytes of the next tail piece with rem plane bytes left in the row (decode_tile and
+ * permute_single must agree). */
+BD_INLINE int tail_width(int64_t rem) { return rem > 8 ? 16 : 8; }
+
+/* Scale of the 32-column block blk of one row, 0 past the row's columns. */
+BD_INLINE float block_scale(const bd_gemv *a, const uint16_t *s16, int64_t blk) {
+    const int64_t col = 32 * blk;
+    return col < a->K ? _cvtsh_ss(s16[col >> a->log2G]) : 0.0f;
+}
+
 /* Prefetch distance of the decode pass, in bytes of each plane stream. On AMD Zen 3 (2 vCPUs) this
  * stream prefetch beat bd_prefetch_rows (whole rows ahead): 2 threads, k = 3..4, ~10 -> ~14 GB/s
  * (docs/kernels.md); 1024-4096 bytes were within noise of each other. */
@@ -349,36 +346,27 @@ BD_INLINE void decode_tile(const bd_gemv *a, int64_t n, const int R, const int k
     __m256 tacc = _mm256_setzero_ps(); /* 4-row tails: lanes 2r, 2r + 1 belong to row n + r */
     for (int64_t o = 32 * nsb; o < RB;) { /* the tail: pieces of 16 or 8 bytes */
         const int64_t rem = RB - o;
-        const int W = rem > 8 ? 16 : 8, nb = rem < W ? (int)rem : W, nbk = W / 4;
+        const int W = tail_width(rem), nb = rem < W ? (int)rem : W, nbk = W / 4;
         const int64_t b0 = o / 4; /* first 32-column block of the piece */
         const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
         const __m256i idx = W == 16 ? lane : _mm256_and_si256(lane, _mm256_set1_epi32(1));
-        /* a block's dot product is spread over 32 / W lanes: subtract its centering term in one of them */
-        const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(nbk), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256i qv = _mm256_and_si256(first, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(q32 + b0)), k - 1));
         const __m256 dv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(d32 + b0), idx);
         if (R == 4 && W == 8 && nb == 8) { /* the usual tail of K = 64 (mod 256), e.g. K = 576: 4 rows at once */
             const __m256i qv4 = _mm256_slli_epi32(_mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(q32 + b0)), idx), k - 1);
             float sv[8];
-            for (int r = 0; r < 4; r++) {
-                const uint16_t *s16 = a->scales + (n + r) * a->ng;
-                for (int l = 0; l < 2; l++) {
-                    const int64_t col = 32 * (b0 + l);
-                    sv[2 * r + l] = col < a->K ? _cvtsh_ss(s16[col >> a->log2G]) : 0.0f;
-                }
-            }
+            for (int r = 0; r < 4; r++)
+                for (int l = 0; l < 2; l++) sv[2 * r + l] = block_scale(a, a->scales + (n + r) * a->ng, b0 + l);
             const __m256i I = _mm256_sub_epi32(tail4_dot(a->planes + n * RB + o, RB, ps, k, a->xq + 8 * o), qv4);
             tacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(_mm256_loadu_ps(sv), dv), tacc);
             o += W;
             continue;
         }
+        /* a block's dot product is spread over 32 / W lanes: subtract its centering term in one of them */
+        const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(nbk), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256i qv = _mm256_and_si256(first, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(q32 + b0)), k - 1));
         for (int r = 0; r < R; r++) {
-            const uint16_t *s16 = a->scales + (n + r) * a->ng;
             float sv[8] = {0};
-            for (int l = 0; l < nbk; l++) {
-                const int64_t col = 32 * (b0 + l);
-                sv[l] = col < a->K ? _cvtsh_ss(s16[col >> a->log2G]) : 0.0f;
-            }
+            for (int l = 0; l < nbk; l++) sv[l] = block_scale(a, a->scales + (n + r) * a->ng, b0 + l);
             const __m256 f = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(sv), idx), dv);
             const uint8_t *p = a->planes + (n + r) * RB + o;
             const __m256i I = _mm256_sub_epi32(W == 16 ? piece_dot(p, ps, k, 16, nb, a->xq + 8 * o)
@@ -477,8 +465,7 @@ static void permute_single(bd_gemv *a) {
             for (int b = 0; b < 32; b++) x[32 * i + b] = tmp[8 * b + i];
     }
     for (int64_t o = 32 * nsb; o < RB8;) { /* tail pieces: the same widths as decode_tile picks */
-        const int64_t rem = a->RB - o;
-        const int W = rem > 8 ? 16 : 8;
+        const int W = tail_width(a->RB - o);
         int8_t *x = xq + 8 * o;
         memcpy(tmp, x, (size_t)(8 * W));
         for (int i = 0; i < 8; i++)
