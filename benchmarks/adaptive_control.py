@@ -28,7 +28,14 @@ Without ``--max-ms-per-token`` the latency target is calibrated: ``--calib-facto
 idle ms/token of ``fixed4`` measured on this workload for ``--calib-seconds``, so fixed 4-bit meets it
 idle and misses it under the competitor. The choice is printed.
 
-Per decode step it records the time in the run, ms/token, the target in effect, the realized bits, the
+The adaptive policies also choose each request's thread count (the cores the competitor leaves free, see
+docs/control.md): their latency model is probed at every thread count up to ``--threads``, as `bitdial serve`
+does. Fixed policies keep ``--threads``. ``--arrival-interval S`` makes the workload open loop (a request
+arrives every S s; one that finds the previous still running starts when it ends), so that the competitor
+period holds the same share of the requests for every policy; the default is back to back, where a slower
+policy runs fewer requests while the competitor is on.
+
+Per request it records the prefill time (time to first token) and the threads; per decode step it records the time in the run, ms/token, the target in effect, the realized bits, the
 competitor state and the device state (CPU utilization, other processes' cores, the expected slowdown,
 temperature and battery when known). Per policy: the fraction of tokens within the latency target (all,
 competitor on, off), mean realized bits (all, on, off: the quality proxy; the stored policies hold no
@@ -89,7 +96,8 @@ from bitdial.planning.device import kernel_threads
 from bitdial.policies import stored_targets
 from bitdial.runtime.engine import Engine
 from bitdial.runtime.generate import GenerationResult, SamplingParams, StepInfo, stream_generate
-from bitdial.serving.precision import ControlAdapter, PrecisionPlan, PrecisionSession, backend_for, probe_latency
+from bitdial.serving.precision import (ControlAdapter, PrecisionPlan, PrecisionSession, backend_for, probe_latency,
+                                       set_compute_threads)
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parent.parent / "shared" / "data"
@@ -352,12 +360,14 @@ class Run:
         self.wall_s = 0.0
         self.controller_stats: dict[str, Any] | None = None
         self.complete = False
+        self.reqs: list[dict[str, Any]] = []  # per request: start, competitor, threads, prefill ms
 
 
 def run_policy(name: str, policy: str, target: float | None, *, eng, backend, prompts: list[list[int]],
                params: SamplingParams, duration: float, intervals: list[tuple[float, float]],
                competitor: Competitor | None, max_ms: float | None, latency_ms: dict[float, float],
                traces: list[list[dict[str, Any]]], args, first_prompt: int = 0,
+               thread_latency_ms: dict[int, dict[float, float]] | None = None,
                progress: Callable[[str], None] | None = None, sink: list[Run] | None = None) -> Run:
     """Run one policy for ``duration`` s; ``sink`` gets the run at once (so an interrupted run is kept)."""
     run = Run(name, policy, target)
@@ -367,7 +377,8 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
     control = None
     if policy in ADAPTIVE:
         cfg = ControlConfig(threads=args.threads, seed=args.seed)
-        control = ControlAdapter(Controller(backend.targets, latency_ms, config=cfg), tel, RequestConstraints)
+        control = ControlAdapter(Controller(backend.targets, latency_ms, config=cfg,
+                                            thread_latency_ms=thread_latency_ms), tel, RequestConstraints)
     sched = Scheduler(competitor, intervals)
     cancel = threading.Event()
     t0 = time.monotonic()
@@ -380,9 +391,17 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
         i = first_prompt
         last_report = 0.0
         while time.monotonic() - t0 < duration:
+            if args.arrival_interval > 0:  # open loop: request i arrives at i x interval, whatever the speed
+                wait = t0 + (i - first_prompt) * args.arrival_interval - time.monotonic()
+                if wait > 0:
+                    if cancel.wait(min(wait, duration - (time.monotonic() - t0))):
+                        break
+                    if time.monotonic() - t0 >= duration:
+                        break
             ids = prompts[i % len(prompts)]
             plan = PrecisionPlan(policy, target if policy == "fixed" else None, max_ms, args.min_bits)
             session = PrecisionSession(plan, backend, control)
+            req_t0, comp_at_start = time.monotonic(), sched.on
             session.start()
             req = run.requests
             prev = run.events[-1]["to"] if run.events else None
@@ -420,6 +439,8 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
             for _ in stream_generate(eng.model, eng.tokenizer, ids, params, res, step_hook=hook, cancel=cancel):
                 pass
             session.finish()
+            run.reqs.append({"t": round(req_t0 - t0, 3), "comp": int(comp_at_start), "threads": session.threads,
+                             "prefill_ms": round(res.prefill_s * 1e3, 2), "tokens": res.completion_tokens})
             run.mid_request_switches += session.switches
             run.requests += 1
             i += 1
@@ -476,6 +497,12 @@ def summarize(run: Run, max_ms: float | None) -> dict[str, Any]:
     out["mid_request_switches"] = run.mid_request_switches
     out["target_share"] = {_fmt_t(t): tg.count(t) / len(tg) for t in sorted(set(tg), key=lambda x: x or 0.0)}
     out["hook_ms_mean"] = _mean(c["hook_ms"])
+    for g, want in (("all", None), ("on", 1), ("off", 0)):  # time to first token: the prefill of each request
+        pf = [r["prefill_ms"] for r in run.reqs if want is None or r["comp"] == want]
+        out[g]["requests"] = len(pf)
+        out[g]["prefill_ms_p50"], out[g]["prefill_ms_p95"] = _q(pf, 0.5), _q(pf, 0.95)
+    th = [r["threads"] for r in run.reqs]
+    out["threads_share"] = {str(n): th.count(n) / len(th) for n in sorted(set(th), key=lambda x: x or 0)} if th else {}
     out["competitor_events"] = run.competitor_events
     if run.controller_stats is not None:
         out["controller"] = run.controller_stats
@@ -667,6 +694,8 @@ def main() -> None:
     ap.add_argument("--latency-probe-rounds", type=int, default=3)
     ap.add_argument("--latency-probe-steps", type=int, default=12)
     ap.add_argument("--gap", type=float, default=3.0, help="idle seconds between runs")
+    ap.add_argument("--arrival-interval", type=float, default=0.0,
+                    help="open loop: a request arrives every this many seconds (0: back to back)")
     ap.add_argument("--seed", type=int, default=0, help="the bandit's seed")
     ap.add_argument("--max-points", type=int, default=6000, help="per-step series kept per policy before binning")
     ap.add_argument("--out", default=str(ROOT / "results" / "adaptive_control.json"))
@@ -747,6 +776,19 @@ def main() -> None:
                            competitor=None, max_ms=None, latency_ms={}, **dict(common, traces=[], progress=None))
         latency_ms = measure_latency(eng.model, backend, args.latency_probe_rounds, args.latency_probe_steps)
         result["latency_ms"] = {f"{t:g}": round(v, 3) for t, v in latency_ms.items()}
+        thread_latency: dict[int, dict[float, float]] = {}
+        for n in range(1, args.threads):  # what `bitdial serve` also probes: the model on fewer threads
+            set_compute_threads(n)
+            try:
+                thread_latency[n] = measure_latency(eng.model, backend, args.latency_probe_rounds,
+                                                    args.latency_probe_steps)
+            finally:
+                set_compute_threads(args.threads)
+        result["thread_latency_ms"] = {str(n): {f"{t:g}": round(v, 3) for t, v in d.items()}
+                                       for n, d in thread_latency.items()}
+        if thread_latency:
+            console.print("... on fewer threads: " + "; ".join(
+                f"{n}: " + ", ".join(f"{t:g}: {v:.2f} ms" for t, v in d.items()) for n, d in thread_latency.items()))
         console.print("idle decode-step latency model (probe_latency): "
                       + ", ".join(f"{t:g}: {v:.2f} ms" for t, v in latency_ms.items()))
 
@@ -816,7 +858,8 @@ def main() -> None:
             console.print(f"[bold]run {k + 1}/{len(policies)}: {name}[/]"
                           + (f" (fixed {target:g})" if target is not None else ""))
             run_policy(name, policy, target, duration=args.duration, intervals=intervals, competitor=competitor,
-                       max_ms=max_ms, latency_ms=latency_ms, sink=runs, **common)
+                       max_ms=max_ms, latency_ms=latency_ms, sink=runs, thread_latency_ms=thread_latency,
+                       **common)
     except KeyboardInterrupt:
         interrupted = True
         console.print("[yellow]interrupted: the competitor is stopped; writing what was measured[/]")
@@ -903,7 +946,7 @@ def print_table(s: dict[str, dict], result: dict) -> None:
     tab = Table(title=f"Latency target {max_ms:.2f} ms/token; competitor {result['competitor']['schedule']} "
                       f"({result['competitor']['kind']} on core {result['competitor']['core']})")
     for col in ("policy", "tokens", "within all", "within on", "within off", "bits all", "bits on", "bits off",
-                "p95 ms on", "p95 ms off", "switches", "tok/s"):
+                "p95 ms on", "p95 ms off", "prefill ms on", "prefill ms off", "switches", "tok/s"):
         tab.add_column(col, justify="right")
 
     def pct(x):
@@ -919,7 +962,8 @@ def print_table(s: dict[str, dict], result: dict) -> None:
         tab.add_row(label, str(d["tokens"]), pct(d["all"].get("within")), pct(d["on"].get("within")),
                     pct(d["off"].get("within")), num(d["all"].get("realized_bits"), "{:.3f}"),
                     num(d["on"].get("realized_bits"), "{:.3f}"), num(d["off"].get("realized_bits"), "{:.3f}"),
-                    num(d["on"].get("ms_p95")), num(d["off"].get("ms_p95")), str(d["target_switches"]),
+                    num(d["on"].get("ms_p95")), num(d["off"].get("ms_p95")), num(d["on"].get("prefill_ms_p50"), "{:.0f}"),
+                    num(d["off"].get("prefill_ms_p50"), "{:.0f}"), str(d["target_switches"]),
                     num(d["all"].get("tokens_per_s"), "{:.1f}"))
     out = Console(width=None if sys.stdout.isatty() else 150, soft_wrap=True)  # not 80 columns in a pipe
     out.print(tab)

@@ -526,7 +526,56 @@ def test_state_prior_that_overestimates_is_corrected_by_observations():
     targets, _ = simulate(ctl, RequestConstraints(max_ms_per_token=16.0), 100, slowdown=lambda i: 1.1,
                            state=lambda i: busy)
     assert targets[0] == 2.5 and targets[-1] == 4.0  # 12 × 1.1 = 13.2 fits 16 with headroom
-    assert ctl.slowdown(busy) == pytest.approx(1.1, rel=0.05)
+    # the request runs on the free core (1 thread, modelled as 2 × the 2-thread latency): the prediction
+    # at 4 bits converges to what the steps show
+    assert ctl.stats()["threads"] == 1
+    assert ctl.predicted_ms(4.0, busy) == pytest.approx(12.0 * 1.1, rel=0.05)
+
+
+def test_threads_follow_the_free_cores_with_hysteresis():
+    ctl = Controller(TARGETS, PRED, ControlConfig(threads=2))
+    lim = RequestConstraints(max_ms_per_token=100.0)
+
+    def first(util):
+        d = ctl.start_request(lim, DeviceState(per_cpu_util=util, cpu_count=2, self_cpu_cores=0.0))
+        ctl.end_request()
+        return d.threads, d.reason
+
+    assert first([0.02, 0.01])[0] == 2
+    n, why = first([1.0, 0.02])  # a competitor holds one core: run on the other
+    assert n == 1 and "1 thread (1.0 of 2 cores free)" in why
+    assert first([0.7, 0.0])[0] == 1  # 1.3 free: not enough to add a thread (needs > 1.75)
+    assert first([0.2, 0.0])[0] == 2  # 1.8 free
+    assert first([0.7, 0.0])[0] == 2  # from 2 threads, 1.3 free is not enough to drop one (< 1.25)
+    assert first([1.0, 1.0])[0] == 1  # never below one
+    q = DeviceState(per_cpu_util=[0.0, 0.0, 0.0, 0.0], cpu_count=4, cpu_quota_cores=2.0)
+    assert ctl.start_request(lim, q).threads == 2  # never above the model's threads or the quota
+    ctl.end_request()
+    assert ctl.start_request(lim, None).threads is None  # no device state: leave the threads alone
+    ctl.end_request()
+    off = Controller(TARGETS, PRED, ControlConfig(threads=2, adapt_threads=False))
+    assert off.start_request(lim, DeviceState(per_cpu_util=[1.0, 0.0], cpu_count=2)).threads is None
+    d = ctl.start_request(lim, DeviceState(per_cpu_util=[1.0, 0.0], cpu_count=2))
+    assert d.threads == 1 and ctl.step(DeviceState(per_cpu_util=[1.0, 0.0], cpu_count=2)).threads is None
+
+
+def test_thread_latency_model_picks_the_target_at_the_chosen_threads():
+    one = {2.5: 7.0, 3.0: 9.0, 3.5: 11.0, 4.0: 13.0}  # measured at 1 thread: better than 2 x PRED
+    ctl = Controller(TARGETS, PRED, ControlConfig(threads=2), thread_latency_ms={1: one})
+    busy = DeviceState(per_cpu_util=[1.0, 0.0], cpu_count=2)
+    d = ctl.start_request(RequestConstraints(max_ms_per_token=11.0), busy)  # 9.9 with headroom
+    assert d.threads == 1 and d.target == 3.0 and d.predicted_ms == pytest.approx(9.0)
+    ctl.end_request()
+    # without the measurement: 2 x PRED at 1 thread, so only 2.5 (12 ms) fits
+    plain = Controller(TARGETS, PRED, ControlConfig(threads=2))
+    d = plain.start_request(RequestConstraints(max_ms_per_token=12.5 / 0.9), busy)
+    assert d.threads == 1 and d.target == 2.5
+    with pytest.raises(ValueError, match="thread count"):
+        Controller(TARGETS, PRED, thread_latency_ms={0: one})
+    with pytest.raises(ValueError, match="no positive prediction for target"):
+        Controller(TARGETS, PRED, thread_latency_ms={1: {2.5: 1.0}})
+    with pytest.raises(ValueError, match="thread_margin"):
+        ControlConfig(thread_margin=0.5)
 
 
 def test_replayed_slowdown_hint_drives_the_prior():

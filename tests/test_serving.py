@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="the server needs the [serve] extra (fastapi, uvicorn)")
@@ -33,7 +34,7 @@ from bitdial.serving import worker as worker_mod
 from bitdial.serving.app import ServerConfig, create_app
 from bitdial.serving.errors import ApiError
 from bitdial.serving.precision import (ControlAdapter, PrecisionBackend, PrecisionGovernor, backend_for,
-                                       probe_latency)
+                                       probe_latency, probe_thread_latency)
 from bitdial.serving.schemas import BitdialOptions
 
 from conftest import make_tiny
@@ -277,6 +278,45 @@ def test_controller_chooses_targets(engine):
         assert tight["policy"] == "rule" and min(tight["targets_used"]) >= 4
         assert tight["realized_bits"] >= 4 - 1e-9
         assert c.get("/v1/models").json()["data"][0]["bitdial"]["controller"] is True
+
+
+def test_controller_runs_a_request_on_the_free_cores(engine):
+    """A replayed device state with one of two cores busy: the request runs on 1 thread (its prefill too),
+    the response says so, and the server's thread count is back afterwards."""
+    control_mod = pytest.importorskip("bitdial.control")
+    backend = backend_for(engine)
+    latency = probe_latency(engine.model, backend, steps=3)
+    one = probe_thread_latency(engine.model, backend, [1], steps=3)
+    assert set(one) == {1} and set(one[1]) == set(backend.targets)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the server's count, whatever this machine has
+    busy = [{"t": 0, "per_cpu_util": [1.0, 0.0], "cpu_count": 2, "self_cpu_cores": 0.0}]
+    ctl = control_mod.Controller(backend.targets, latency, control_mod.ControlConfig(threads=2),
+                                 thread_latency_ms=one)
+    control = ControlAdapter(ctl, control_mod.Telemetry.replay(busy), control_mod.RequestConstraints)
+    seen = []
+    gov = PrecisionGovernor(backend, control=control)
+    with serve(engine, governor=gov) as c:
+        orig = engine.model.forward
+
+        def spy(*a, **k):  # the thread count the model actually runs with (prefill and decode)
+            seen.append(torch.get_num_threads())
+            return orig(*a, **k)
+
+        engine.model.forward = spy
+        try:
+            r = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "ignore_eos": True,
+                                                     "bitdial": {"policy": "rule", "max_ms_per_token": 10_000}})
+        finally:
+            del engine.model.forward
+        assert r.status_code == 200, r.text
+        b = r.json()["bitdial"]
+        assert b["threads"] == 1 and "1 thread (1.0 of 2 cores free)" in b["reason"]
+    try:
+        assert seen and seen[0] == 1  # the prefill ran on one thread
+        assert torch.get_num_threads() == 2  # restored after the request
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 class FakeDynamicEngine:

@@ -79,10 +79,12 @@ def serve_cmd(
     """Serve a model behind an OpenAI-compatible HTTP API (chat and text completions, SSE streaming)."""
     m = _main()
     try:
+        import torch
         import uvicorn
 
         from bitdial.serving.app import ServerConfig, create_app
-        from bitdial.serving.precision import ControlAdapter, PrecisionGovernor, backend_for, probe_latency
+        from bitdial.serving.precision import (ControlAdapter, PrecisionGovernor, backend_for, probe_latency,
+                                               probe_thread_latency)
     except ImportError as e:
         m._fail(BitdialError(f"{SERVE_EXTRA_HINT} ({e})"))
 
@@ -115,7 +117,9 @@ def serve_cmd(
             import importlib.util
 
             if importlib.util.find_spec("bitdial.control") is not None:
-                control = ControlAdapter.create(backend.targets, probe_latency(eng.model, backend))
+                fewer = range(1, torch.get_num_threads())  # the controller may leave busy cores alone
+                control = ControlAdapter.create(backend.targets, probe_latency(eng.model, backend),
+                                                probe_thread_latency(eng.model, backend, fewer))
         if policy != "fixed" and control is None:
             m.err.print(f"[yellow]--policy {policy}: the precision controller is not available; "
                         "requests run at a fixed target[/]")

@@ -13,7 +13,12 @@ Three policies (docs/control.md):
   and shrunk towards what the other arms show;
 * ``fixed``: the request's ``target_bits``.
 
-Hysteresis keeps both adaptive policies from flapping: a switch up needs the higher target to fit with
+Both adaptive policies also choose the request's **thread count** (``adapt_threads``): the cores other
+processes leave free (``DeviceState.other_cpu_cores``), with ``thread_margin`` cores of hysteresis, decided
+at the start of a request so that its prefill runs on it too (a thread that shares its core with another
+busy process stalls every parallel region of the prefill; measured 3-4x slower on 2 cores). The latency
+model is kept per thread count (``thread_latency_ms``; without a measurement the work is assumed to split
+evenly). Hysteresis keeps both adaptive policies from flapping: a switch up needs the higher target to fit with
 headroom for ``min_dwell`` consecutive steps; a switch down happens as soon as the median of the last
 ``down_window`` observed latencies violates the target. Thermal and battery caps lower the highest
 allowed target, but never below the request's ``min_bits``.
@@ -74,6 +79,10 @@ class ControlConfig:
     ewma_alpha: float = 0.1
     change_ratio: float = 1.3  # a median this far (×/÷) from the estimate resets it: a competitor came or went
     threads: int | None = None  # the model's threads, for the device-state prior (None: every usable core)
+    # thread policy: run on the cores other processes leave free (decided per request, before its prefill)
+    adapt_threads: bool = True
+    thread_margin: float = 0.25  # hysteresis in cores: drop a thread when free cores < n - 0.5 - margin,
+    #                              add one when free cores > n + 0.5 + margin
     use_state_prior: bool = True
     max_slowdown: float = 8.0
     # thermal policy
@@ -96,6 +105,8 @@ class ControlConfig:
     history: int = 1000  # decisions kept in Controller.history
 
     def __post_init__(self) -> None:
+        if not 0.0 <= _number("thread_margin", self.thread_margin) < 0.5:
+            raise ValueError(f"thread_margin must be in [0, 0.5), got {self.thread_margin}")
         for name in ("up_margin", "down_margin"):
             v = _number(name, getattr(self, name))
             if not 0.0 <= v < 1.0:
@@ -186,6 +197,7 @@ class Decision:
     predicted_ms: float | None = None  # the latency model × estimated slowdown at ``target``
     step: int = 0  # decode steps of the request so far (0 at the start)
     changed: bool = False  # the target differs from the previous decision of this request
+    threads: int | None = None  # compute threads for the request (None: leave them as they are)
 
 
 @dataclass
@@ -373,7 +385,8 @@ class Controller:
     """
 
     def __init__(self, targets: Sequence[float], latency_ms: Mapping[float, float],
-                 config: ControlConfig | None = None) -> None:
+                 config: ControlConfig | None = None,
+                 thread_latency_ms: Mapping[int, Mapping[float, float]] | None = None) -> None:
         if not targets:
             raise ValueError("targets is empty: the controller needs at least one precision target")
         ts = sorted({_number("target", t) for t in targets})
@@ -399,6 +412,19 @@ class Controller:
         if any(b < a for a, b in itertools.pairwise(preds)):
             log.warning("control: latency_ms is not increasing with the target: %s", self.latency_ms)
         self.config = config if config is not None else ControlConfig()
+        # the latency model per thread count: ``latency_ms`` is the one at ``config.threads``
+        self._base_threads = self.config.threads
+        self._thread_lat: dict[int, dict[float, float]] = {}
+        for n, table in (thread_latency_ms or {}).items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"thread_latency_ms key {n!r} is not a thread count")
+            lt = {float(k): _number(f"thread_latency_ms[{n}][{k}]", v) for k, v in table.items()}
+            missing = [t for t in self.targets if not any(abs(k - t) < _EPS and v > 0 for k, v in lt.items())]
+            if missing:
+                raise ValueError(f"thread_latency_ms[{n}] has no positive prediction for target(s) "
+                                 f"{', '.join(f'{t:g}' for t in missing)}")
+            self._thread_lat[n] = {t: next(v for k, v in lt.items() if abs(k - t) < _EPS) for t in self.targets}
+        self._threads: int | None = None  # the thread count of the active request (None: the base)
         self._lock = threading.RLock()
         self._slow = _Slowdown(self.config)
         self._bandit = _Bandit(self.config, len(self.targets))
@@ -429,7 +455,7 @@ class Controller:
 
     def predicted_ms(self, target: float, state: DeviceState | None = None) -> float:
         """Predicted ms/token at ``target`` under the current estimate."""
-        return self.latency_ms[self._target(target, "target")] * self.slowdown(state)
+        return self._lat(self._target(target, "target")) * self.slowdown(state)
 
     def validate(self, constraints: RequestConstraints) -> str:
         """Check ``constraints`` against the available targets; return the policy that applies."""
@@ -460,7 +486,7 @@ class Controller:
             raise ValueError(f"ms_per_token must be positive, got {ms}")
         with self._lock:
             prior = self._state_prior(state)
-            pred = self.latency_ms[t]
+            pred = self._lat(t)
             y = math.log(ms / (pred * prior))
             self._slow.add(y, ms / pred)
             self._bandit.add(self.targets.index(t), y)
@@ -500,9 +526,40 @@ class Controller:
         with self._lock:
             return {"residual_slowdown": math.exp(self._slow.c), "state_prior": self._prior,
                     "noise_sigma": self._slow.sigma, "hot": self._hot, "low_battery": self._low_battery,
-                    "current": self.current}
+                    "current": self.current, "threads": self._threads}
 
     # -- internals
+    def _lat(self, t: float) -> float:
+        """The idle latency model at target ``t`` and the current thread count."""
+        n = self._threads
+        if n is None or n == self._base_threads:
+            return self.latency_ms[t]
+        table = self._thread_lat.get(n)
+        if table is not None:
+            return table[t]
+        if self._base_threads:  # no measurement at n threads: assume the work splits evenly
+            return self.latency_ms[t] * self._base_threads / n
+        return self.latency_ms[t]
+
+    def _choose_threads(self, state: DeviceState | None) -> tuple[int | None, str]:
+        """The request's thread count: the cores other processes leave free, with hysteresis (None: as is)."""
+        cfg = self.config
+        if not cfg.adapt_threads or state is None or state.other_cpu_cores is None:
+            return None, ""
+        n_cpu = len(state.cpu_affinity) if state.cpu_affinity else state.cpu_count
+        if not n_cpu:
+            return None, ""
+        cores = float(n_cpu) if state.cpu_quota_cores is None else min(float(n_cpu), state.cpu_quota_cores)
+        top = max(1, min(cfg.threads or int(cores), int(cores + _EPS) or 1))
+        free = cores - state.other_cpu_cores
+        cur = self._threads if self._threads is not None else top
+        n = cur
+        if free < cur - 0.5 - cfg.thread_margin or free > cur + 0.5 + cfg.thread_margin:
+            n = int(math.floor(free + 0.5))
+        n = max(1, min(top, n))
+        why = f"{n} thread{'s' if n > 1 else ''} ({free:.1f} of {cores:g} cores free)"
+        return n, why
+
     def _target(self, t: Any, name: str) -> float:
         v = _number(name, t)
         for x in self.targets:
@@ -512,7 +569,7 @@ class Controller:
 
     def _state_prior(self, state: DeviceState | None) -> float:
         if state is not None and self.config.use_state_prior:
-            self._prior = state.expected_slowdown(self.config.threads, self.config.max_slowdown)
+            self._prior = state.expected_slowdown(self._threads or self.config.threads, self.config.max_slowdown)
         elif not self.config.use_state_prior:
             self._prior = 1.0
         return self._prior
@@ -568,13 +625,13 @@ class Controller:
     def _best_fit(self, allowed: list[float], max_ms: float, s: float) -> float | None:
         """The highest allowed target predicted to fit with headroom under slowdown ``s``."""
         lim = max_ms * (1.0 - self._headroom())
-        fit = [t for t in allowed if self.latency_ms[t] * s <= lim]
+        fit = [t for t in allowed if self._lat(t) * s <= lim]
         return fit[-1] if fit else None
 
     def _bandit_choice(self, allowed: list[float], max_ms: float, prior: float,
                        current: float | None = None) -> tuple[float, float]:
         idx = [self.targets.index(t) for t in allowed]
-        log_pred = [math.log(self.latency_ms[t] * prior) for t in self.targets]
+        log_pred = [math.log(self._lat(t) * prior) for t in self.targets]
         cur = self.targets.index(current) if current in self.targets else None
         arm, p = self._bandit.choose(idx, log_pred, math.log(max_ms), self.targets, cur)
         return self.targets[arm], p
@@ -584,6 +641,11 @@ class Controller:
         assert r is not None
         c = r.constraints
         cur = r.target
+        threads_note, n_threads = "", None
+        if start:
+            n_threads, threads_note = self._choose_threads(state)
+            if n_threads is not None:
+                self._threads = n_threads
         prior = self._state_prior(state)
         s = prior * math.exp(self._slow.c)
         max_ms = c.max_ms_per_token
@@ -614,8 +676,10 @@ class Controller:
         if changed:
             r.since_switch = r.since_epoch = r.up_streak = 0
         r.target = target
-        pred = self.latency_ms[target] * s
-        d = Decision(target, reason, r.policy, pred, r.steps, changed)
+        pred = self._lat(target) * s
+        if threads_note:
+            reason += f"; {threads_note}"
+        d = Decision(target, reason, r.policy, pred, r.steps, changed, n_threads)
         self._history.append(d)
         lvl = logging.INFO if changed else logging.DEBUG
         log.log(lvl, "control: step %d %s -> %g (%s; predicted %.1f ms/token, slowdown %.2f)", r.steps, r.policy,
@@ -637,7 +701,7 @@ class Controller:
         cfg = self.config
         cur = r.target
         ratio = self._slow.observed_ratio()
-        observed = ratio * self.latency_ms[cur] if ratio is not None else None
+        observed = ratio * self._lat(cur) if ratio is not None else None
         if (observed is not None and len(self._slow.recent_ratio) == cfg.down_window
                 and observed > max_ms * (1.0 + cfg.down_margin)):
             if r.policy == "rule" and r.last_up and r.since_switch <= cfg.probation:

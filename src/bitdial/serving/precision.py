@@ -128,8 +128,11 @@ class ControlAdapter:
         self._constraints = constraints_type
 
     @classmethod
-    def create(cls, targets: Sequence[float], latency_ms: dict[float, float]) -> ControlAdapter | None:
-        """The controller over ``targets``, or None (logged) when :mod:`bitdial.control` is missing or fails."""
+    def create(cls, targets: Sequence[float], latency_ms: dict[float, float],
+               thread_latency_ms: dict[int, dict[float, float]] | None = None) -> ControlAdapter | None:
+        """The controller over ``targets``, or None (logged) when :mod:`bitdial.control` is missing or fails.
+        ``latency_ms`` is the latency model at the current thread count, ``thread_latency_ms`` the same at
+        other thread counts (the controller runs a request on fewer threads when other processes hold cores)."""
         try:
             from bitdial import control
         except ImportError as e:
@@ -137,7 +140,8 @@ class ControlAdapter:
             return None
         try:
             config = control.ControlConfig(threads=torch.get_num_threads())
-            controller = control.Controller(list(targets), dict(latency_ms), config=config)
+            controller = control.Controller(list(targets), dict(latency_ms), config=config,
+                                            thread_latency_ms=thread_latency_ms)
             telemetry = control.Telemetry()
             adapter = cls(controller, telemetry, control.RequestConstraints)
         except Exception:  # a broken optional component must not stop the server
@@ -169,6 +173,34 @@ class ControlAdapter:
         except Exception:
             log.debug("controller end_request failed", exc_info=True)
             return {}
+
+
+def set_compute_threads(n: int) -> int:
+    """Run torch (prefill) and the native kernels (decode) on ``n`` threads; returns torch's previous count."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        from bitdial import kernels
+
+        if kernels.available():
+            kernels.set_threads(n)
+    except ImportError:  # pragma: no cover - the kernels package always ships
+        pass
+    return prev
+
+
+def probe_thread_latency(model: torch.nn.Module, backend: PrecisionBackend, threads: Sequence[int], *,
+                         steps: int = 6) -> dict[int, dict[float, float]]:
+    """:func:`probe_latency` at each thread count in ``threads`` (the current count restored afterwards)."""
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for n in threads:
+            set_compute_threads(n)
+            out[int(n)] = probe_latency(model, backend, steps=steps)
+        return out
+    finally:
+        set_compute_threads(before)
 
 
 def probe_latency(model: torch.nn.Module, backend: PrecisionBackend, *, steps: int = 6,
@@ -232,6 +264,8 @@ class PrecisionSession:
     targets_used: list[float | None] = field(default_factory=list)
     switches: int = 0
     misses: int = 0
+    threads: int | None = None  # the controller's thread count for this request (None: unchanged)
+    _threads_before: int | None = None
 
     def start(self) -> None:
         plan = self.plan
@@ -245,6 +279,12 @@ class PrecisionSession:
                 self.policy = str(_field(d, "policy", self.policy))
                 pm = _field(d, "predicted_ms")
                 self.predicted_ms = float(pm) if pm is not None else None
+                n = _field(d, "threads")
+                if n is not None and int(n) != torch.get_num_threads():
+                    self.threads = int(n)
+                    self._threads_before = set_compute_threads(self.threads)
+                elif n is not None:
+                    self.threads = int(n)
             except Exception:  # the controller is optional; keep serving at the plan's target
                 log.warning("the controller failed to start a request; running fixed", exc_info=True)
                 self.policy, self.reason, self.control = "fixed", "controller error: fixed target", None
@@ -288,7 +328,10 @@ class PrecisionSession:
             self._set(new)
 
     def finish(self) -> None:
-        """End the request at the controller (its learned state stays)."""
+        """End the request at the controller (its learned state stays); restore the thread count."""
+        if self._threads_before is not None:
+            set_compute_threads(self._threads_before)
+            self._threads_before = None
         if self.control is not None:
             summary = self.control.end_request()
             log.debug("controller summary: %s", summary)
@@ -305,6 +348,7 @@ class PrecisionSession:
             "max_ms_per_token": self.plan.max_ms_per_token,
             "predicted_ms_per_token": self.predicted_ms,
             "latency_target_misses": self.misses,
+            "threads": self.threads,
         }
 
 
