@@ -551,7 +551,9 @@ def test_threads_follow_the_free_cores_with_hysteresis():
     q = DeviceState(per_cpu_util=[0.0, 0.0, 0.0, 0.0], cpu_count=4, cpu_quota_cores=2.0)
     assert ctl.start_request(lim, q).threads == 2  # never above the model's threads or the quota
     ctl.end_request()
-    assert ctl.start_request(lim, None).threads is None  # no device state: leave the threads alone
+    assert first([1.0, 0.02])[0] == 1
+    d = ctl.start_request(lim, None)  # no device state: leave the threads alone (the model at the base count)
+    assert d.threads is None and ctl.stats()["threads"] is None and d.predicted_ms == pytest.approx(PRED[4.0], rel=0.05)
     ctl.end_request()
     off = Controller(TARGETS, PRED, ControlConfig(threads=2, adapt_threads=False))
     assert off.start_request(lim, DeviceState(per_cpu_util=[1.0, 0.0], cpu_count=2)).threads is None
