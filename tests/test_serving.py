@@ -312,6 +312,7 @@ def test_controller_runs_a_request_on_the_free_cores(engine):
         assert r.status_code == 200, r.text
         b = r.json()["bitdial"]
         assert b["threads"] == 1 and "1 thread (1.0 of 2 cores free)" in b["reason"]
+        assert re.search(r"^bitdial_request_threads 1$", c.get("/metrics").text, re.M)
     try:
         assert seen and seen[0] == 1  # the prefill ran on one thread
         assert torch.get_num_threads() == 2  # restored after the request

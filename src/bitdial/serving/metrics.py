@@ -52,6 +52,7 @@ class Metrics:
         self.target_switches = 0
         self.last_tps: float | None = None
         self.last_bits: float | None = None
+        self.last_threads: int | None = None
         self.bits_weighted = 0.0  # sum of realized bits x decode steps
         self.bits_steps = 0
         self.hist = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -73,8 +74,10 @@ class Metrics:
 
     def generation(self, *, prompt_tokens: int, completion_tokens: int, decode_steps: int, decode_s: float,
                    prefill_s: float, realized_bits: float | None, misses: int, had_target: bool,
-                   switches: int, seconds: float) -> None:
+                   switches: int, seconds: float, threads: int | None = None) -> None:
         with self._lock:
+            if threads is not None:
+                self.last_threads = threads
             self.prompt_tokens += prompt_tokens
             self.generated_tokens += completion_tokens
             self.decode_steps += decode_steps
@@ -133,6 +136,8 @@ class Metrics:
                    "Decode steps slower than their request's max_ms_per_token.", [({}, self.misses)])
             metric("bitdial_latency_target_steps_total", "counter",
                    "Decode steps of requests that had a max_ms_per_token.", [({}, self.latency_steps)])
+            metric("bitdial_request_threads", "gauge", "Compute threads the last finished request ran on (the "
+                   "controller leaves cores that other processes hold).", [({}, self.last_threads)])
             metric("bitdial_target_switches_total", "counter", "Precision target changes made by the controller "
                    "during generations.", [({}, self.target_switches)])
             lines.append("# HELP bitdial_request_duration_seconds Generation time per request, queue wait included.")

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from bitdial.runtime.generate import GenerationResult, SamplingParams, stream_generate
 from bitdial.serving.metrics import Metrics
 from bitdial.serving.precision import PrecisionGovernor, PrecisionPlan
@@ -222,6 +224,7 @@ class GenerationWorker:
             decode_steps=res.decode_steps, decode_s=res.decode_s, prefill_s=res.prefill_s,
             realized_bits=res.realized_bits, misses=session.misses,
             had_target=job.plan.max_ms_per_token is not None, switches=session.switches,
+            threads=session.threads if session.threads is not None else torch.get_num_threads(),
             seconds=job.finished_at - job.enqueued_at)
         if res.cancelled:
             self.metrics.cancel()
