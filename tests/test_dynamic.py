@@ -117,6 +117,17 @@ def test_thresholds_reproduce_the_intended_rate_on_held_out_inputs(dyn_path, p):
     assert rate == pytest.approx(p - 3, abs=0.04)  # h is used with probability 1 - r = p - l
 
 
+@pytest.mark.parametrize("p, bits", [(3.0, 3), (3.0004, 3), (3.9995, 4), (4.0, 4)])
+def test_a_module_trained_to_one_width_gets_no_estimator(dyn_path, p, bits):
+    """p at (or within 1e-3 of) a width: a fixed rule, so the step spends no time estimating for it."""
+    lin = _module(dyn_path)
+    X = _inputs(lin.in_features, 400, seed=2)
+    e = torch.linalg.vector_norm(X @ (lin.weight_at(4) - lin.weight_at(3)).T, dim=-1)
+    r = fit_rule(lin.name, lin, 3, 4, p, 5, X, e, 300, CalibSettings(proj_dim=8), torch.Generator().manual_seed(0))
+    assert (r.estimator, r.low, r.high, r.G) == ("fixed", bits, bits, None)
+    assert bool(r.choose(X).all())  # a fixed rule runs its one width (its "high") on every row
+
+
 # ---- storage -------------------------------------------------------------------------------------------
 def test_policy_storage_round_trip(dyn_path, tmp_path):
     p = tmp_path / "copy.bitdial"

@@ -150,7 +150,9 @@ def test_fused_dynamic_matches_module_path(art_path, with_proj):
     prompt = [9, 8, 7, 6, 5]
     # thresholds near the median estimate of each module on this input, so decisions really vary
     dyn.reset_counters()
+    model.fast_decode.stats()
     fused = _run(model, prompt, 8, True)
+    assert model.fast_decode.stats()["estimate_ms"] > 0  # the per-token estimates are timed on their own
     rates_fused = dyn.module_rates()
     dyn.reset_counters()
     ref = _run(model, prompt, 8, False)
@@ -220,3 +222,26 @@ def test_fused_with_padded_plane_stride(art_path):
     model.fast_decode = FusedDecoder(model)
     assert model.fast_decode.reason is None
     assert torch.equal(_run(model, prompt, 4, True), ref)
+
+
+def test_fused_profile_counters(art_path):
+    """stats(): steps, parts that add up, and the plane + scale bytes the step reads at uniform k."""
+    model = build_model(art_path, 3)
+    fused = model.fast_decode
+    fused.stats()  # reset
+    _run(model, [4, 5, 6], 5, True)
+    s = fused.stats()
+    assert s["steps"] == 5
+    parts = s["parts_ms"]
+    assert set(parts) == {"qkv", "o", "gate_up", "down", "head", "other"}
+    assert all(v >= 0 for v in parts.values()) and parts["qkv"] > 0 and parts["head"] > 0
+    assert sum(parts.values()) == pytest.approx(s["step_ms"], rel=1e-6)
+    assert 0 <= s["prepare_ms"] <= sum(v for k, v in parts.items() if k != "other")
+    assert s["estimate_ms"] == 0.0  # no dynamic policy
+    expect = 0
+    for m in model.linears().values():
+        N, K, G = m.out_features, m.in_features, m.qt.group_size
+        expect += m.bits * N * ((K + 7) // 8) + 4 * N * ((K + G - 1) // G)
+    gemv_s = sum(v for k, v in parts.items() if k != "other") * s["steps"] / 1e3
+    assert s["gbs"] * 1e9 * gemv_s == pytest.approx(expect * s["steps"], rel=1e-6)  # GB/s of GEMV job time
+    assert fused.stats()["steps"] == 0  # read and reset

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not BK.available(), reason="bitdial native kerne
 
 ISAS = BK.variants()  # every kernel variant runnable here (e.g. avx512-gfni, avx512-mask, avx2, ref)
 EPS = 2.0 ** -23
-KS = (40, 72, 200, 576, 1536)
+KS = (40, 72, 200, 576, 1024, 1032, 1536)  # 1024: the longest "short row" (two plane blocks), 1032 one past
 NS = (1, 3, 17, 192)
 GS = (32, 64, 128)
 BS = (8, 6)

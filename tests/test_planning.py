@@ -327,6 +327,19 @@ def test_device_profile_measures_this_machine(tiny_path):
     assert set(data["latency"]["table"]) == {"64x64", "32x64", "96x64", "64x96", f"{art.config.vocab_size}x64"}
     assert dev.module_ms(ModuleSpec((64, 64), 2, 100)) > 0 and dev.c0_ms(2) >= 0
     assert data["energy"]["rapl"]["available"] in (True, False)
+    # the in-step form: every shape at every width, never cheaper at fewer bits... and exact on its base step
+    st = data["latency"]["step"]
+    assert st["base_bits"] == 8 and set(st["table"]) == set(data["latency"]["table"])
+    assert all(set(row) == {"2", "8"} and 0 < row["2"] < row["8"] for row in st["table"].values())
+    assert set(data["latency"]["validation"]["median_abs_rel_error"]) == {"table", "linear", "step"}
+    step = DeviceModel(dict(data, latency=dict(data["latency"], model="step")))
+    specs = [ModuleSpec(m.qt.shape, 8, m.qt.bytes_read(8)) for m in build_model(art).linears().values()]
+    assert step.token_ms(specs, art.config.n_layers) == pytest.approx(data["latency"]["uniform_decode_ms"]["8"], rel=1e-3)
+    bad = json.loads(json.dumps(data))
+    bad["latency"]["model"] = "step"
+    bad["latency"]["step"]["table"]["64x64"]["2"] = float("nan")
+    with pytest.raises(ProfileError, match=r"step.table\[64x64\]\[2\]"):
+        DeviceModel(bad)
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------

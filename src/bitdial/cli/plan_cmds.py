@@ -173,7 +173,8 @@ def profile_device_cmd(
     m.out.print(t)
     err = lat["validation"]["median_abs_rel_error"]
     m.err.print(f"[dim]read bandwidth {data['bandwidth_gbs']:.1f} GB/s; latency model '{lat['model']}' "
-                f"(median abs error on random plans: table {_pct(err.get('table'))}, linear {_pct(err.get('linear'))}); "
+                f"(median abs error on random plans: table {_pct(err.get('table'))}, linear {_pct(err.get('linear'))}, "
+                f"in-step {_pct(err.get('step'))}); "
                 f"RAPL: {'yes' if data['energy']['rapl'].get('available') else data['energy']['rapl'].get('reason')}[/]")
 
 

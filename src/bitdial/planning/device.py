@@ -14,6 +14,15 @@ records which predicted held-out decode steps better, ``latency.model``):
     (the torch reference path multiplies cached fp32 weights, whose cost depends on N·K, not on the
     bits), and a per-call overhead, fitted by non-negative least squares on the table; works for any
     shape. ``c0 = c0_fixed + c0_per_layer · n_layers``.
+``step``
+    ``t(shape, bits)`` measured *inside whole decode steps*, which is what a plan's latency is: from a base
+    step with every module at ``base_bits`` (4), each shape group in turn is set to each width and the
+    step re-timed; ``Δ(shape, b) = (T(group at b) − T(base)) / modules in the group`` is a module's marginal
+    cost. ``t(shape, b) = bytes_read(b) / bw_shape``, the group's in-step bandwidth fitted by least squares
+    on its Δ over every width (one noisy step moves it little, and it is monotone in the bits, which a
+    per-width table is not: a planner exploits a flat spot), and ``c0`` is the rest of the base step. A native decode step runs ~200 small GEMVs in one call, so isolated
+    module timings (``table``) carry per-call costs the step does not pay and miss the ones it does (on
+    AMD Zen 4 the table over-predicted plans by ~20%); ``step`` is exact for the base step.
 
 Estimated devices (``devices/*.json``, ``estimate: true``) use the ``linear`` form built from published
 memory bandwidth and compute figures (sources in the file), assuming native bitplane kernels (a k-bit
@@ -32,8 +41,9 @@ Device file (JSON, ``schema: bitdial-device-profile``, ``schema_version`` 1; wri
     {"schema", "schema_version", "name", "estimate": bool, "created", "description", "sources": [...],
      "host": {...}, "backend": "native" | "torch-reference", "threads",
      "bandwidth_gbs": measured (or effective, for estimates) read bandwidth,
-     "latency": {"model": "table" | "linear",
+     "latency": {"model": "table" | "linear" | "step",
                  "table": {"NxK": {"2": ms, ...}}, "c0_ms": ..., "n_layers": ...,     # measured only
+                 "step": {"base_bits": 4, "table": {"NxK": {"2": ms, ...}}, "c0_ms": ...},  # measured only
                  "linear": {"ms_per_mb": a, "ms_per_mweight": w, "per_call_ms": d,
                             "c0_fixed_ms": ..., "c0_per_layer_ms": ...},
                  "prefill": {"m": 64, "table": {...}} | {"m": .., "gflops": ..},
@@ -128,6 +138,8 @@ class DeviceModel:
         self.kind = lat["model"]
         self.table = {k: {int(b): float(v) for b, v in row.items()} for k, row in (lat.get("table") or {}).items()}
         self.lin = lat["linear"]
+        st = lat.get("step") or {}
+        self.step_table = {k: {int(b): float(v) for b, v in row.items()} for k, row in (st.get("table") or {}).items()}
         e = data["energy"]
         self.static_w = float(e["static_w"])
         self.pj_per_byte = float(e["pj_per_byte"])
@@ -143,8 +155,8 @@ class DeviceModel:
 
     def module_ms(self, spec: ModuleSpec) -> float:
         """Decode (M = 1) time of one module at its width, ms."""
-        if self.kind == "table":
-            row = self.table.get(shape_key(spec.shape))
+        if self.kind in ("table", "step"):
+            row = (self.table if self.kind == "table" else self.step_table).get(shape_key(spec.shape))
             if row is not None and spec.bits in row:
                 return row[spec.bits]
         N, K = spec.shape
@@ -156,6 +168,8 @@ class DeviceModel:
         lat = self.data["latency"]
         if self.kind == "table" and "c0_ms" in lat and int(lat.get("n_layers", -1)) == int(n_layers):
             return float(lat["c0_ms"])
+        if self.kind == "step" and int(lat.get("n_layers", -1)) == int(n_layers):
+            return float(lat["step"]["c0_ms"])
         return float(self.lin["c0_fixed_ms"]) + float(self.lin["c0_per_layer_ms"]) * n_layers
 
     def token_ms(self, specs: list[ModuleSpec], n_layers: int) -> float:
@@ -201,7 +215,7 @@ def validate_device(d: Any, where: str) -> None:
     check_schema_version(d.get("schema_version"), SCHEMA_VERSION, "device profile", where, fix)
     try:
         lat = d["latency"]
-        if lat["model"] not in ("table", "linear"):
+        if lat["model"] not in ("table", "linear", "step"):
             raise ValueError(f"latency model {lat['model']!r}")
         lin = lat["linear"]
         for k in ("ms_per_mb", "ms_per_mweight", "per_call_ms", "c0_fixed_ms", "c0_per_layer_ms"):
@@ -217,6 +231,17 @@ def validate_device(d: Any, where: str) -> None:
                     if not math.isfinite(float(t)) or float(t) < 0:
                         raise ValueError(f"table[{key}][{b}] = {t!r}")
             float(lat["c0_ms"])
+        if lat["model"] == "step":
+            st = lat["step"]
+            if not isinstance(st["table"], dict) or not st["table"]:
+                raise ValueError("empty step table")
+            for key, row in st["table"].items():
+                for b, t in row.items():
+                    int(b)
+                    if not math.isfinite(float(t)) or float(t) < 0:
+                        raise ValueError(f"step.table[{key}][{b}] = {t!r}")
+            if not math.isfinite(float(st["c0_ms"])):
+                raise ValueError(f"step.c0_ms = {st['c0_ms']!r}")
         e = d["energy"]
         for k in ("static_w", "pj_per_byte", "pj_per_flop"):
             x = float(e[k])
@@ -457,6 +482,31 @@ def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
     return list(x / scale)
 
 
+def _step_table(lin: dict, groups: dict[str, list[str]], base_b: int, t_base: float | None,
+                designed: list[tuple[str, int]], times: list[float], lin_fit: dict) -> dict[str, Any] | None:
+    """The ``step`` latency form (module docstring) from the base step time and the designed steps."""
+    if t_base is None or not designed:
+        return None
+    table: dict[str, dict[str, float]] = {}
+    per_module = 0.0
+    for key, names in groups.items():
+        qt = lin[names[0]].qt
+        delta = {base_b: 0.0}
+        for (k, b), t in zip(designed, times):
+            if k == key:
+                delta[b] = (t - t_base) / len(names)
+        # the group's in-step cost per MB: least squares through the base point over every width (robust to
+        # one noisy step, and monotone in the bits by construction, which a per-width table is not)
+        d_bytes = {b: (qt.bytes_read(b) - qt.bytes_read(base_b)) / 1e6 for b in delta}
+        den = sum(v * v for v in d_bytes.values())
+        ms_per_mb = sum(delta[b] * d_bytes[b] for b in delta) / den if den > 0 else 0.0
+        if ms_per_mb <= 0:  # too small to time: the isolated fit's bandwidth
+            ms_per_mb = float(lin_fit["ms_per_mb"])
+        table[key] = {str(b): round(ms_per_mb * qt.bytes_read(b) / 1e6, 6) for b in sorted(delta)}
+        per_module += len(names) * table[key][str(base_b)]
+    return {"base_bits": base_b, "table": table, "c0_ms": round(t_base - per_module, 6)}
+
+
 def profile_device(art=None, *, config=None, bits: list[int] | None = None, prefill_m: int = 64,
                    random_plans: int = 10, min_time: float = 0.05, decode_steps: int = 16, rounds: int = 3,
                    seed: int = 0,
@@ -488,7 +538,14 @@ def profile_device(art=None, *, config=None, bits: list[int] | None = None, pref
     for n, m in lin.items():
         reps.setdefault(shape_key(m.qt.shape), m)
     backend = backend_name()
-    steps = [(k, b) for k in reps for b in bits] + [("decode", b) for b in bits] + [("plan", i) for i in range(random_plans)]
+    base_b = 4 if 4 in bits else bits[len(bits) // 2]  # the base step of the in-step table
+    groups: dict[str, list[str]] = {}  # shape -> its modules
+    for n, m in lin.items():
+        groups.setdefault(shape_key(m.qt.shape), []).append(n)
+    designed = [(key, b) for key, names in groups.items() for b in bits
+                if b != base_b and lin[names[0]].min_bits <= b <= lin[names[0]].max_bits]
+    steps = [(k, b) for k in reps for b in bits] + [("decode", b) for b in bits] + [("plan", i) for i in range(random_plans)] \
+        + [("group", i) for i in range(len(designed))]
     steps = steps[:len(reps) * len(bits)] + steps[len(reps) * len(bits):] * rounds
     bar = None
     if progress:
@@ -535,7 +592,10 @@ def profile_device(art=None, *, config=None, bits: list[int] | None = None, pref
             t = c0
             for n, m in lin.items():
                 b = assign[n]
-                if kind == "table":
+                row = step_fit["table"].get(shape_key(m.qt.shape), {}) if kind == "step" else {}
+                if str(b) in row:
+                    t += row[str(b)]
+                elif kind == "table":
                     t += table[shape_key(m.qt.shape)][str(b)]
                 else:
                     N, K = m.qt.shape
@@ -551,9 +611,13 @@ def profile_device(art=None, *, config=None, bits: list[int] | None = None, pref
                  for _ in range(random_plans)]
         # every configuration is timed in `rounds` interleaved rounds; the minimum of the per-round medians
         # discards interference from other processes (timing noise only ever adds time)
-        times = measure_decode(model, [assigns[b] for b in bits] + plans, steps=decode_steps, rounds=rounds,
-                               on_done=lambda i: tick("decode steps"))
+        base = {n: min(max(base_b, m.min_bits), m.max_bits) for n, m in lin.items()}
+        group_assigns = [dict(base, **{n: b for n in groups[key]}) for key, b in designed]
+        times = measure_decode(model, [assigns[b] for b in bits] + plans + group_assigns, steps=decode_steps,
+                               rounds=rounds, on_done=lambda i: tick("decode steps"))
         uniform = {b: (assigns[b], times[i]) for i, b in enumerate(bits)}
+        step_fit = _step_table(lin, groups, base_b, uniform[base_b][1] if base_b in uniform else None,
+                               designed, times[len(bits) + len(plans):], lin_fit)
         if read_energy:
             for b in bits:
                 _set_all(model, assigns[b])
@@ -566,8 +630,11 @@ def profile_device(art=None, *, config=None, bits: list[int] | None = None, pref
         val = []
         for i, assign in enumerate(plans):
             ms = times[len(bits) + i]
-            val.append({"measured_ms": ms, "table_ms": predict("table", assign, c0["table"]),
-                        "linear_ms": predict("linear", assign, c0["linear"])})
+            row = {"measured_ms": ms, "table_ms": predict("table", assign, c0["table"]),
+                   "linear_ms": predict("linear", assign, c0["linear"])}
+            if step_fit is not None:
+                row["step_ms"] = predict("step", assign, step_fit["c0_ms"])
+            val.append(row)
         _set_all(model, {n: m.max_bits for n, m in lin.items()})
     finally:
         if bar is not None:
@@ -578,7 +645,7 @@ def profile_device(art=None, *, config=None, bits: list[int] | None = None, pref
             return None
         return statistics.median(abs(v[f"{kind}_ms"] - v["measured_ms"]) / v["measured_ms"] for v in val)
 
-    errs = {k: err(k) for k in ("table", "linear")}
+    errs = {k: err(k) for k in ("table", "linear") + (("step",) if step_fit is not None else ())}
     if val:
         chosen = min(errs, key=lambda k: errs[k])
     else:
@@ -600,6 +667,7 @@ def profile_device(art=None, *, config=None, bits: list[int] | None = None, pref
         "latency": {
             "model": chosen, "n_layers": n_layers, "table": table, "c0_ms": round(c0["table"], 6),
             "linear": {k: float(v) for k, v in lin_fit.items()},
+            **({"step": step_fit} if step_fit is not None else {}),
             "prefill": {"m": prefill_m, "table": prefill},
             "uniform_decode_ms": {str(b): round(ms, 4) for b, (_, ms) in uniform.items()},
             "validation": {"random_plans": len(val), "median_abs_rel_error": errs, "plans": val},

@@ -297,6 +297,9 @@ def projection_matrix(D: torch.Tensor, X: torch.Tensor, kind: str, k: int, gen: 
     return A @ D  # [k, K]
 
 
+FIXED_RATE = 1e-3  # a learned high-width rate below this (or above 1 - this) is fixed at one width
+
+
 def _fixed_rule(name: str, bits: int, max_bits: int) -> ModuleRule:
     """A module with one width: nothing to estimate or decide."""
     return ModuleRule(name, bits, bits, float(bits), 0.0, "fixed", (1.0, 0.0, 0.0), None, max_bits, {})
@@ -308,6 +311,12 @@ def fit_rule(name: str, lin, lo: int, hi: int, p: float, max_bits: int, X: torch
     errors e [T]; rows ``[:n_fit]`` fit, the rest are held out."""
     if lo == hi:
         return _fixed_rule(name, lo, max_bits)
+    # a module trained to (almost) always one width gets no estimator: the per-token estimate would cost
+    # time on every token to change the width on fewer than 1 in 1000
+    if p <= lo + FIXED_RATE:
+        return _fixed_rule(name, lo, max_bits)
+    if p >= hi - FIXED_RATE:
+        return _fixed_rule(name, hi, max_bits)
     n = torch.linalg.vector_norm(X, dim=-1)
     fit, held = slice(0, n_fit), slice(n_fit, None)
     coef_l, r2_lin = _lstsq([n[fit]], e[fit])

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from typing import Any
 
 import torch
 
@@ -37,6 +38,7 @@ from bitdial import kernels as _kernels
 
 log = logging.getLogger(__name__)
 
+PARTS = ("qkv", "o", "gate_up", "down", "head")  # profile parts of a step (csrc/decode.h BD_PART_*)
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RULE_COLS = 7  # on, low, high, threshold, a, c, b (csrc/decode.h)
 
@@ -221,13 +223,27 @@ class FusedDecoder:
             meter.rows += 1.0
         return logits
 
-    def stats(self) -> dict[str, float]:
-        """Where the fused steps' time went since the last call (then reset): steps, ms per step inside the
-        native call, and the share of it in the GEMV jobs (quantize activations + kernels + thread pool)."""
+    def stats(self) -> dict[str, Any]:
+        """Where the fused steps' time went since the last call (then reset).
+
+        ``steps``; ``step_ms``, ms per step inside the native call; ``gemv_share``, the share of it in the GEMV
+        jobs (quantize activations + kernels + thread pool); ``parts_ms``, ms per step in each part's GEMV
+        jobs (``qkv``, ``o``, ``gate_up``, ``down`` summed over the layers, and ``head``) and ``other`` (norms,
+        RoPE, attention, SwiGLU, residuals, the embedding row); ``prepare_ms`` and ``estimate_ms``, ms per step
+        quantizing activations and in the dynamic estimates (both inside the parts); ``gbs``, plane and scale
+        bytes read per second of GEMV jobs."""
+        nan = float("nan")
         if self._handle is None:
-            return {"steps": 0, "step_ms": float("nan"), "gemv_share": float("nan")}
-        n, tot, gemv = _kernels._native.decoder_stats(self._handle)
-        return {"steps": n, "step_ms": tot / n / 1e6 if n else float("nan"), "gemv_share": gemv / tot if tot else float("nan")}
+            return {"steps": 0, "step_ms": nan, "gemv_share": nan, "parts_ms": {}, "prepare_ms": nan, "estimate_ms": nan,
+                    "gbs": nan}
+        n, tot, gemv, parts, prep, est, nbytes = _kernels._native.decoder_stats(self._handle)
+        if not n:
+            return {"steps": 0, "step_ms": nan, "gemv_share": nan, "parts_ms": {}, "prepare_ms": nan, "estimate_ms": nan,
+                    "gbs": nan}
+        per = {name: ns / n / 1e6 for name, ns in zip(PARTS, parts)}
+        per["other"] = (tot - gemv) / n / 1e6
+        return {"steps": n, "step_ms": tot / n / 1e6, "gemv_share": gemv / tot if tot else nan, "parts_ms": per,
+                "prepare_ms": prep / n / 1e6, "estimate_ms": est / n / 1e6, "gbs": nbytes / gemv if gemv else nan}
 
     def last_bits(self) -> dict[str, int]:
         """The width each module ran at in the last fused step."""

@@ -236,9 +236,11 @@ static int pick_bits(bd_decoder *d, int i, const float *x, double nx) {
     return lo;
 }
 
-/* y_m = W_m x for the slots in `slots` (all reading the same x of width K); bias added. */
-static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n, const float *x) {
+/* y_m = W_m x for the slots in `slots` (all reading the same x of width K); bias added. Its time goes to
+   profile part `part` (BD_PART_*). */
+static void run_linears(bd_decoder *d, int part, const int *slots, float *const *ys, int n, const float *x) {
     const int64_t t0 = now_ns();
+    int64_t t_prep = 0, t_est = 0;
     multi_job j;
     j.n = n;
     j.isa = d->isa;
@@ -248,8 +250,15 @@ static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n
     for (int m = 0; m < n; m++) {
         const int i = slots[m];
         const double *r = d->rules + (size_t)i * BD_RULE_COLS;
-        if (r[BD_RULE_ON] != 0.0 && nx < 0.0) nx = norm2(x, d->lin[i].K);
-        const int k = pick_bits(d, i, x, nx);
+        int k;
+        if (r[BD_RULE_ON] != 0.0) { /* the dynamic estimate: timed on its own */
+            const int64_t te = now_ns();
+            if (nx < 0.0) nx = norm2(x, d->lin[i].K);
+            k = pick_bits(d, i, x, nx);
+            t_est += now_ns() - te;
+        } else {
+            k = pick_bits(d, i, x, nx);
+        }
         d->chosen[i] = (uint8_t)k;
         if (i < d->n_dec) d->wb += (double)d->lin[i].N * (double)d->lin[i].K * k;
         bd_gemv *a = &j.g[m];
@@ -268,6 +277,7 @@ static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n
         }
         gemv_setup(a, &d->lin[i], k, x, ys[m]);
         bytes += (int64_t)k * a->N * a->RB;
+        d->n_bytes += (int64_t)k * a->N * a->RB + (int64_t)4 * a->N * a->ng; /* planes, fp16 scales + offsets */
         /* share the quantized activations with an earlier matrix of the same group size and width (the
            block sums Q_u are stored premultiplied by the centering code 2^(k-1), see bitdial_kernels.h) */
         int shared = -1;
@@ -278,7 +288,9 @@ static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n
             a->xs = j.g[shared].xs; a->dxv = j.g[shared].dxv; a->dxt = j.g[shared].dxt;
         } else {
             gemv_scratch(a, d, m);
+            const int64_t tp = now_ns();
             d->isa->prepare(a);
+            t_prep += now_ns() - tp;
         }
     }
     const int nth = bd_pool_threads();
@@ -307,7 +319,11 @@ static void run_linears(bd_decoder *d, const int *slots, float *const *ys, int n
         if (b)
             for (int64_t t = 0; t < d->lin[slots[m]].N; t++) ys[m][t] += b[t];
     }
-    d->t_gemv_ns += now_ns() - t0;
+    const int64_t dt = now_ns() - t0;
+    d->t_gemv_ns += dt;
+    d->t_part_ns[part] += dt;
+    d->t_prep_ns += t_prep;
+    d->t_est_ns += t_est;
 }
 
 /* ---- attention over one query ------------------------------------------------------------------ */
@@ -391,7 +407,7 @@ double BD_DECODE_STEP(bd_decoder *d, int64_t token, int64_t pos, float *logits) 
         {
             const int slots[3] = {base + 0, base + 1, base + 2};
             float *const ys[3] = {d->q, d->kn, d->vn};
-            run_linears(d, slots, ys, 3, hb);
+            run_linears(d, BD_PART_QKV, slots, ys, 3, hb);
         }
         for (int h = 0; h < H; h++) {
             float *qh = d->q + (size_t)h * hd;
@@ -418,7 +434,7 @@ double BD_DECODE_STEP(bd_decoder *d, int64_t token, int64_t pos, float *logits) 
         {
             const int slots[1] = {base + 3};
             float *const ys[1] = {hb};
-            run_linears(d, slots, ys, 1, d->att);
+            run_linears(d, BD_PART_O, slots, ys, 1, d->att);
         }
         for (int i = 0; i < D; i++) x[i] += hb[i];
         /* MLP */
@@ -426,7 +442,7 @@ double BD_DECODE_STEP(bd_decoder *d, int64_t token, int64_t pos, float *logits) 
         {
             const int slots[2] = {base + 4, base + 5};
             float *const ys[2] = {d->g, d->u};
-            run_linears(d, slots, ys, 2, hb);
+            run_linears(d, BD_PART_GATE_UP, slots, ys, 2, hb);
         }
         for (int i = 0; i < d->F; i++) {
             const float g = d->g[i];
@@ -435,7 +451,7 @@ double BD_DECODE_STEP(bd_decoder *d, int64_t token, int64_t pos, float *logits) 
         {
             const int slots[1] = {base + 6};
             float *const ys[1] = {hb};
-            run_linears(d, slots, ys, 1, d->g);
+            run_linears(d, BD_PART_DOWN, slots, ys, 1, d->g);
         }
         for (int i = 0; i < D; i++) x[i] += hb[i];
     }
@@ -443,7 +459,7 @@ double BD_DECODE_STEP(bd_decoder *d, int64_t token, int64_t pos, float *logits) 
     {
         const int slots[1] = {7 * d->L};
         float *const ys[1] = {logits};
-        run_linears(d, slots, ys, 1, hb);
+        run_linears(d, BD_PART_HEAD, slots, ys, 1, hb);
     }
     d->n_steps++;
     d->t_total_ns += now_ns() - t_start;

@@ -41,6 +41,10 @@ typedef struct {
     int G, log2G, B;
 } bd_lin;
 
+/* Parts of a decode step for the profile: the GEMV jobs of each layer (q/k/v, o, gate/up, down) and the
+   output head. */
+enum { BD_PART_QKV, BD_PART_O, BD_PART_GATE_UP, BD_PART_DOWN, BD_PART_HEAD, BD_PARTS };
+
 typedef struct {
     const bd_isa *isa;
     int L, D, H, Hk, Hd, F, n_dec;
@@ -57,6 +61,8 @@ typedef struct {
     int64_t *gptr;
     double wb; /* sum over the decoder linears of weights x bits in this step */
     int64_t n_steps, t_total_ns, t_gemv_ns; /* profile since the last reset: steps, time in steps, in GEMV jobs */
+    int64_t t_part_ns[BD_PARTS];           /* ... GEMV job time by part (BD_PART_*), incl. activation quantization */
+    int64_t t_prep_ns, t_est_ns, n_bytes;  /* ... of which quantizing activations, dynamic estimates; bytes read */
     char *act[3];
     float *x, *hb, *q, *kn, *vn, *att, *g, *u, *scores;
 } bd_decoder;

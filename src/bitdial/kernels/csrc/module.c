@@ -413,8 +413,13 @@ static PyObject *py_decoder_stats(PyObject *self, PyObject *arg) {
     (void)self;
     bd_decoder *d = (bd_decoder *)PyCapsule_GetPointer(arg, "bitdial.decoder");
     if (!d) return NULL;
-    PyObject *r = Py_BuildValue("(LLL)", (long long)d->n_steps, (long long)d->t_total_ns, (long long)d->t_gemv_ns);
-    d->n_steps = d->t_total_ns = d->t_gemv_ns = 0;
+    const int64_t *t = d->t_part_ns;
+    PyObject *r = Py_BuildValue("(LLL(LLLLL)LLL)", (long long)d->n_steps, (long long)d->t_total_ns,
+                                (long long)d->t_gemv_ns, (long long)t[BD_PART_QKV], (long long)t[BD_PART_O],
+                                (long long)t[BD_PART_GATE_UP], (long long)t[BD_PART_DOWN], (long long)t[BD_PART_HEAD],
+                                (long long)d->t_prep_ns, (long long)d->t_est_ns, (long long)d->n_bytes);
+    d->n_steps = d->t_total_ns = d->t_gemv_ns = d->t_prep_ns = d->t_est_ns = d->n_bytes = 0;
+    memset(d->t_part_ns, 0, sizeof d->t_part_ns);
     return r;
 }
 
@@ -567,7 +572,8 @@ static PyMethodDef METHODS[] = {
     {"decoder_step", (PyCFunction)(void (*)(void))py_decoder_step, METH_FASTCALL,
      "decoder_step(decoder, token, pos, logits_ptr) -> sum of weights x bits: one token through the decoder"},
     {"decoder_stats", py_decoder_stats, METH_O,
-     "decoder_stats(decoder) -> (steps, ns in steps, ns in GEMV jobs) since the last call (resets them)"},
+     "decoder_stats(decoder) -> (steps, ns in steps, ns in GEMV jobs, (ns in q/k/v, o, gate/up, down, head jobs), "
+     "ns quantizing activations, ns in dynamic estimates, plane + scale bytes read) since the last call (resets them)"},
     {"dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL,
      "dequant(planes, scales, offsets, N, K, G, B, k, n0, n1, out_ptr, bf16, pstride): rows n0..n1 of the k-bit view"},
     {"isas", py_isas, METH_NOARGS, "((family, variant, supported), ...) in preference order"},
