@@ -1,7 +1,7 @@
 """End-to-end decode and prefill speed: bitdial at uniform k = 2..8 against llama.cpp on the same machine.
 
     python benchmarks/e2e.py --artifact smol.bitdial [--gguf SRC.gguf] [--bits 2,3,4,5,6,8] [--threads 2]
-        [--runs 5] [--new-tokens 64] [--prefill-tokens 512] [--types Q8_0,Q5_0,Q4_0,Q3_K_S,Q2_K] [--fp32]
+        [--runs 5] [--rounds 1] [--new-tokens 64] [--prefill-tokens 512] [--types Q8_0,Q5_0,Q4_0,Q3_K_S,Q2_K] [--fp32]
         [--out benchmarks/results/e2e_default.json]
 
 Both engines run in this one process, one after the other, on the same thread count; every figure is the
@@ -135,6 +135,10 @@ def main() -> None:
     ap.add_argument("--head-bits", type=int, default=None, help="pin the output head (default: k, like the rest)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole sweep this many times, engines interleaved: figures are medians over "
+                         "rounds and each bitdial/llama.cpp ratio the median of the rounds' own ratios (robust to "
+                         "a noisy host's drift)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--prefill-dtype", choices=["auto", "bf16", "fp32"], default="auto")
@@ -151,29 +155,6 @@ def main() -> None:
     src = Path(args.gguf or art.meta.get("source", {}).get("path", ""))
     pdt = {"auto": torch.bfloat16 if BK.fast_bf16() else torch.float32, "bf16": torch.bfloat16,
            "fp32": torch.float32}[args.prefill_dtype]  # auto: what generation uses for the prompt
-    rows = []
-    for k in [int(b) for b in args.bits.split(",") if b]:
-        model = build_model(art, {"default": k, "lm_head": args.head_bits or k, "embed_tokens": k}, prefill_dtype=pdt)
-        d, p, where = time_bitdial(model, args.new_tokens, args.prefill_tokens, args.runs, vocab)
-        bpw = sum(art.qtensor(n).bytes_read(k) for n in art.modules) * 8 / sum(
-            art.modules[n]["shape"][0] * art.modules[n]["shape"][1] for n in art.modules)
-        rows.append({"engine": "bitdial", "type": f"uniform {k}-bit", "bits": k, "bits_per_weight_read": bpw,
-                     "decode_tps": d, "prefill_tps": p, "prefill_dtype": str(model.prefill.dtype).split(".")[-1],
-                     "decode_time_split": where})
-        console.log(f"bitdial k={k}: decode {d:.1f} tok/s, prefill {p:.0f} tok/s")
-        del model
-    if args.fp32:
-        from bitdial.loading import load_model
-        from bitdial.model.llama import Transformer
-        from bitdial.runtime.fused import install_dense
-
-        lm = load_model(src)
-        dense = Transformer(lm.config, dict(lm.tensors)).eval().fuse()
-        install_dense(dense)  # the fp32 decode step in one native call, as Engine.load sets it up
-        d, p, _ = time_bitdial(dense, args.new_tokens, args.prefill_tokens, args.runs, vocab)
-        rows.append({"engine": "bitdial", "type": "fp32 (dense)", "bits": 32, "decode_tps": d, "prefill_tps": p})
-        console.log(f"bitdial fp32: decode {d:.1f}, prefill {p:.0f}")
-        del dense, lm
     types = [t for t in args.types.split(",") if t]
     llama_version = None
     if types:
@@ -186,14 +167,25 @@ def main() -> None:
             types = []
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    for t in types:
-        path = llama_quantized(src, t, work)
-        d, p = time_llama(path, args.threads, args.new_tokens, args.prefill_tokens, args.runs, vocab)
-        rows.append({"engine": "llama.cpp", "type": t, "file_mib": path.stat().st_size / 2**20, "decode_tps": d,
-                     "prefill_tps": p})
-        console.log(f"llama.cpp {t}: decode {d:.1f} tok/s, prefill {p:.0f} tok/s")
+    rounds = [sweep(args, art, src, vocab, pdt, types, r) for r in range(max(1, args.rounds))]
+    rows = []
+    for i, first in enumerate(rounds[0]):
+        per = [rd[i] for rd in rounds]
+        row = dict(first, decode_tps=med([r["decode_tps"] for r in per]), prefill_tps=med([r["prefill_tps"] for r in per]))
+        if len(per) > 1:
+            row["rounds"] = [{"decode_tps": r["decode_tps"], "prefill_tps": r["prefill_tps"]} for r in per]
+        rows.append(row)
+    pairs = []  # bitdial k against the llama.cpp type of similar size, ratio per round then median
+    for k, t in ((8, "Q8_0"), (5, "Q5_0"), (4, "Q4_0"), (3, "Q3_K_S"), (2, "Q2_K")):
+        ib = [i for i, r in enumerate(rounds[0]) if r["engine"] == "bitdial" and r.get("bits") == k]
+        il = [i for i, r in enumerate(rounds[0]) if r["engine"] == "llama.cpp" and r["type"] == t]
+        if ib and il:
+            pairs.append({"bits": k, "type": t,
+                          "decode_ratio": med([rd[ib[0]]["decode_tps"] / rd[il[0]]["decode_tps"] for rd in rounds]),
+                          "prefill_ratio": med([rd[ib[0]]["prefill_tps"] / rd[il[0]]["prefill_tps"] for rd in rounds])})
 
-    table = Table(title=f"{Path(args.artifact).name}: {args.threads} threads, medians of {args.runs}")
+    table = Table(title=f"{Path(args.artifact).name}: {args.threads} threads, medians of {args.runs}"
+                        + (f" x {len(rounds)} interleaved rounds" if len(rounds) > 1 else ""))
     for c in ("engine", "type", "decode tok/s", f"pp{args.prefill_tokens} tok/s", "decode: Python / GEMV / other C"):
         table.add_column(c, justify="right")
     for r in rows:
@@ -201,13 +193,51 @@ def main() -> None:
         split = (f"{w['outside_native_step']:.0%} / {w['gemv_jobs']:.0%} / {w['other_native']:.0%}" if w else "")
         table.add_row(r["engine"], r["type"], f"{r['decode_tps']:.1f}", f"{r['prefill_tps']:.0f}", split)
     Console().print(table)
+    if pairs:
+        Console().print("bitdial / llama.cpp (median of per-round ratios): " + ", ".join(
+            f"{p['bits']}-bit / {p['type']} decode {p['decode_ratio']:.2f}x, prefill {p['prefill_ratio']:.2f}x"
+            for p in pairs))
     out = {"artifact": str(args.artifact), "source": str(src), "threads": args.threads, "runs": args.runs,
-           "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens, "kernel_variant": BK.variant(),
-           "llama_cpp_python": llama_version, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-           "rows": rows}
+           "rounds": len(rounds), "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
+           "kernel_variant": BK.variant(), "llama_cpp_python": llama_version, "machine": platform.machine(),
+           "cpu_count": os.cpu_count(), "rows": rows, "ratios": pairs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     console.log(f"wrote {args.out}")
+
+
+def sweep(args, art, src: Path, vocab: int, pdt, types: list[str], rnd: int) -> list[dict]:
+    """One pass over every configuration (bitdial widths, fp32, llama.cpp types): one row each."""
+    rows = []
+    for k in [int(b) for b in args.bits.split(",") if b]:
+        model = build_model(art, {"default": k, "lm_head": args.head_bits or k, "embed_tokens": k}, prefill_dtype=pdt)
+        d, p, where = time_bitdial(model, args.new_tokens, args.prefill_tokens, args.runs, vocab)
+        bpw = sum(art.qtensor(n).bytes_read(k) for n in art.modules) * 8 / sum(
+            art.modules[n]["shape"][0] * art.modules[n]["shape"][1] for n in art.modules)
+        rows.append({"engine": "bitdial", "type": f"uniform {k}-bit", "bits": k, "bits_per_weight_read": bpw,
+                     "decode_tps": d, "prefill_tps": p, "prefill_dtype": str(model.prefill.dtype).split(".")[-1],
+                     "decode_time_split": where})
+        console.log(f"round {rnd + 1}: bitdial k={k}: decode {d:.1f} tok/s, prefill {p:.0f} tok/s")
+        del model
+    if args.fp32:
+        from bitdial.loading import load_model
+        from bitdial.model.llama import Transformer
+        from bitdial.runtime.fused import install_dense
+
+        lm = load_model(src)
+        dense = Transformer(lm.config, dict(lm.tensors)).eval().fuse()
+        install_dense(dense)  # the fp32 decode step in one native call, as Engine.load sets it up
+        d, p, _ = time_bitdial(dense, args.new_tokens, args.prefill_tokens, args.runs, vocab)
+        rows.append({"engine": "bitdial", "type": "fp32 (dense)", "bits": 32, "decode_tps": d, "prefill_tps": p})
+        console.log(f"round {rnd + 1}: bitdial fp32: decode {d:.1f}, prefill {p:.0f}")
+        del dense, lm
+    for t in types:
+        path = llama_quantized(src, t, Path(args.work))
+        d, p = time_llama(path, args.threads, args.new_tokens, args.prefill_tokens, args.runs, vocab)
+        rows.append({"engine": "llama.cpp", "type": t, "file_mib": path.stat().st_size / 2**20, "decode_tps": d,
+                     "prefill_tps": p})
+        console.log(f"round {rnd + 1}: llama.cpp {t}: decode {d:.1f} tok/s, prefill {p:.0f} tok/s")
+    return rows
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ and head GEMV jobs (activation quantization included, and shown on its own), in 
 native call (norms, RoPE, attention, SwiGLU, residuals), and outside it (Python, sampling). Each part's
 effective bandwidth is its plane + scale bytes over its time, compared with this machine's read bandwidth
 on the kernel threads (`bitdial.kernels.read_bandwidth`, best of 5 over 512 MiB, measured in the same run).
-``--dynamic`` adds the artifact's stored dynamic policies at those targets (their head and embedding widths
-as stored), with the time in the per-token error estimates on its own. Medians over the runs; quote ratios
+``--dynamic`` adds the artifact's stored dynamic policies at those targets (the head and embedding at their
+stored maximum, as `generate --dynamic` runs them), with the time in the per-token error estimates on its
+own and the realized bits of the decode steps (decoder linears, size-weighted). Medians over the runs; quote ratios
 from one run.
 """
 
@@ -68,11 +69,14 @@ def profile(model, steps: int, runs: int) -> dict:
     fused = model.fast_decode
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, V, (1, 16), generator=g)
-    rows = []
+    rows, bits = [], []
+    meter = getattr(model, "bits_meter", None)
     with torch.inference_mode():
         model.setup_cache(1, 16 + steps + 8)
         for r in range(runs + 1):
             logits = model(prompt, 0, last_only=True)[0, -1]
+            if meter is not None:
+                meter.take()  # the prompt's rows are not decode
             fused.stats()
             t = time.perf_counter()
             for i in range(steps):
@@ -80,12 +84,14 @@ def profile(model, steps: int, runs: int) -> dict:
                 logits = model(torch.tensor([[tok]]), 16 + i)[0, -1]
             wall = (time.perf_counter() - t) / steps * 1e3
             s = fused.stats()
+            b = meter.take() if meter is not None else float("nan")
             if r:  # the first run warms caches and page-ins
                 rows.append((wall, s))
+                bits.append(b)
     med = statistics.median
     res = {"wall_ms": med(w for w, _ in rows), "step_ms": med(s["step_ms"] for _, s in rows),
            "prepare_ms": med(s["prepare_ms"] for _, s in rows), "estimate_ms": med(s["estimate_ms"] for _, s in rows),
-           "gbs_all": med(s["gbs"] for _, s in rows),
+           "gbs_all": med(s["gbs"] for _, s in rows), "realized_bits": med(bits),
            "parts_ms": {p: med(s["parts_ms"][p] for _, s in rows) for p in (*PARTS, "other")}}
     res["parts_ms"]["outside"] = res["wall_ms"] - res["step_ms"]
     return res
@@ -135,15 +141,10 @@ def main() -> None:
             rt = attach(model, art, targets)
             for t in targets:
                 rt.set_target(t)
-                meter = getattr(model, "bits_meter", None)
-                if meter is not None:
-                    meter.take()
                 p = profile(model, args.steps, args.runs)
-                realized = meter.take() if meter is not None else None
                 p["gbs"] = {}
                 p["pct_read_bw"] = {}
-                results.append({"threads": nt, "bits": f"dyn {t:g}", "head_bits": None, "read_bw_gbs": bw,
-                                "realized_bits": realized, **p})
+                results.append({"threads": nt, "bits": f"dyn {t:g}", "head_bits": None, "read_bw_gbs": bw, **p})
                 console.log(f"{nt} thr dynamic {t:g}: {p['wall_ms']:.2f} ms/token, estimates {p['estimate_ms']:.2f}, "
                             + ", ".join(f"{q} {v:.2f}" for q, v in p["parts_ms"].items()))
             del model, rt
@@ -159,7 +160,7 @@ def main() -> None:
                       *(f"{pm[q]:.2f} ({r['pct_read_bw'].get(q, 0):.0f}%)" for q in PARTS),
                       f"{pm['other']:.2f}", f"{pm['outside']:.2f}", f"{r['prepare_ms']:.2f}",
                       f"{r['estimate_ms']:.2f}", f"{r['bytes_bound_ms']:.2f}" if "bytes_bound_ms" in r else "-")
-    Console().print(table)
+    Console(width=max(Console().width, 190)).print(table)
     out = {"benchmark": "step_profile", "artifact": str(args.artifact), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "kernel_variant": BK.variant(), "torch": torch.__version__},
