@@ -368,6 +368,26 @@ def test_cli_plan_commands(tiny_path, tiny_profile, tmp_path, monkeypatch):
     assert r.exit_code == 0 and list(json.loads(r.stdout)) == ["p35"]
     r = CliRunner().invoke(app, ["plan", str(path), "--show", "p35"])
     assert r.exit_code == 0 and "down" in r.stdout
+    # the same view from `bitdial info --plan` (issue 5's "views for people")
+    from bitdial.cli.main import app as main_app
+
+    r = CliRunner().invoke(main_app, ["info", str(path), "--plan", "p35", "--json"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.stdout)
+    assert (shown.get("bits") or shown)["layers.1.mlp.down_proj"] == 5
+    r = CliRunner().invoke(main_app, ["info", str(path), "--plan", "p35"])
+    assert r.exit_code == 0 and "down" in r.stdout
+    r = CliRunner().invoke(main_app, ["info", str(path), "--plan", "nope"])
+    assert r.exit_code == 2 and "nope" in r.output
+    r = CliRunner().invoke(main_app, ["info", str(path), "--heatmap", str(tmp_path / "h.png")])
+    assert r.exit_code == 2 and "give --plan NAME" in r.output
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        r = CliRunner().invoke(main_app, ["info", str(path), "--plan", "p35", "--heatmap", str(tmp_path / "h.png")])
+        assert r.exit_code == 0 and (tmp_path / "h.png").stat().st_size > 1000
     bad = _write(tmp_path / "bad.json", "{}")
     r = CliRunner().invoke(app, ["plan", str(path), "--profile", str(bad), "--avg-bits", "3", "--name", "x"])
     assert r.exit_code == 2 and "not a bitdial sensitivity profile" in r.output

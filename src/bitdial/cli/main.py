@@ -98,13 +98,23 @@ def info(
     model: str = typer.Argument(..., help=MODEL_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     verify: bool = typer.Option(False, "--verify", help="Check every tensor's sha256 (artifacts only)."),
+    plan: Optional[str] = typer.Option(None, "--plan", help="Show a plan stored in the artifact (`bitdial plan "
+                                       "--name NAME`): bits per module and layer."),
+    heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="With --plan: also write a heatmap image of its "
+                                           "bits per module and layer (needs the \\[plot] extra)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
 ) -> None:
-    """Show a model's architecture, size and tokenizer (and, for an artifact, its quantization)."""
+    """Show a model's architecture, size and tokenizer (and, for an artifact, its quantization or a stored plan)."""
     from bitdial.loading import load_model
     from bitdial.runtime.engine import is_artifact
 
+    if heatmap is not None and plan is None:
+        _fail(BitdialError("--heatmap draws a stored plan: give --plan NAME too"))
+    if plan is not None:
+        if not is_artifact(model):
+            _fail(BitdialError(f"--plan reads plans stored in a .bitdial artifact; {model} is not one"))
+        return _plan_info(model, plan, heatmap, json_out)
     if is_artifact(model):
         return _artifact_info(model, json_out, verify)
     if verify:
@@ -133,6 +143,23 @@ def info(
     t.add_row("special ids", f"bos={src.tokenizer.bos_id} eos={src.tokenizer.eos_ids}")
     t.add_row("chat template", "yes" if src.tokenizer.chat_template else "no")
     out.print(t)
+
+
+def _plan_info(path: str, name: str, heatmap: Optional[Path], json_out: bool) -> None:
+    """`bitdial info A.bitdial --plan NAME`: the per-layer table of a stored plan (and its heatmap)."""
+    from bitdial import planning as P
+    from bitdial.planning.views import plan_heatmap, plan_table
+
+    try:
+        if json_out:
+            _emit_json(P.load_plans(path).get(name) or P.plan_bits(path, name))
+        else:
+            out.print(plan_table(path, name))
+        if heatmap is not None:
+            plan_heatmap(path, name, heatmap)
+            err.print(f"[dim]heatmap -> {heatmap}[/]")
+    except (BitdialError, ValueError, FileNotFoundError) as e:
+        _fail(e)
 
 
 def _artifact_info(path: str, json_out: bool, verify: bool) -> None:
