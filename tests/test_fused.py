@@ -126,7 +126,7 @@ def test_fused_mixed_widths_inside_one_job(art_path):
     _close(_run(model, prompt, 5, True), _run(model, prompt, 5, False))
 
 
-def _policy(model, target, with_proj: bool) -> DynamicPolicy:
+def _policy(model, target, with_proj: bool | str) -> DynamicPolicy:
     """A hand-made dynamic policy: every decoder linear between 2 and 4 bits (3 and 4 for the o/down
     projections), thresholds picked so that both widths occur."""
     g = torch.Generator().manual_seed(7)
@@ -137,13 +137,15 @@ def _policy(model, target, with_proj: bool) -> DynamicPolicy:
         lo, hi = (3, 4) if n.endswith(("o_proj", "down_proj")) else (2, 4)
         if with_proj and n.endswith(("q_proj", "gate_proj")):
             G = torch.randn(8, m.in_features, generator=g)
+            if with_proj == "fp16":  # fp16-exact values, as calibrate stores them: the step reads a half copy
+                G = G.half().float()
             rules[n] = ModuleRule(n, lo, hi, (lo + hi) / 2, 1.0, "pca", (0.2, 0.1, -0.05), G, 4)
         else:
             rules[n] = ModuleRule(n, lo, hi, (lo + hi) / 2, 2.0, "linear", (0.3, 0.0, 0.0), None, 4)
     return DynamicPolicy(target, rules)
 
 
-@pytest.mark.parametrize("with_proj", [False, True])
+@pytest.mark.parametrize("with_proj", [False, "fp32", "fp16"])
 def test_fused_dynamic_matches_module_path(art_path, with_proj):
     model = build_model(art_path, 4)
     dyn = DynamicRuntime(model, {3.0: _policy(model, 3.0, with_proj)})
@@ -153,6 +155,10 @@ def test_fused_dynamic_matches_module_path(art_path, with_proj):
     model.fast_decode.stats()
     fused = _run(model, prompt, 8, True)
     assert model.fast_decode.stats()["estimate_ms"] > 0  # the per-token estimates are timed on their own
+    if with_proj:  # fp16-exact projections are handed to the step as fp16, the others as fp32
+        _, (_, gptr, _, _) = model.fast_decode._rules_for(dyn)
+        used = gptr[gptr[:, 0] != 0]
+        assert len(used) and set(used[:, 2].tolist()) == {int(with_proj == "fp16")}
     rates_fused = dyn.module_rates()
     dyn.reset_counters()
     ref = _run(model, prompt, 8, False)

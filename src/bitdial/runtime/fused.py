@@ -93,7 +93,7 @@ class FusedDecoder:
         self.chosen = torch.zeros(n, dtype=torch.uint8)
         self.n_high = torch.zeros(n, dtype=torch.int64)
         self.rules = torch.zeros(n, RULE_COLS, dtype=torch.float64)
-        self.gptr = torch.zeros(n, 2, dtype=torch.int64)
+        self.gptr = torch.zeros(n, 3, dtype=torch.int64)  # G pointer, rows, fp16 flag (csrc/decode.h)
         self.steps = 0  # fused steps with dynamic rules since the last counter flush
         for i, m in enumerate(mods):
             if self.dense:
@@ -153,7 +153,7 @@ class FusedDecoder:
         if got is None:
             pol = dyn.policies[dyn.target]
             rules = torch.zeros(self.n_slots, RULE_COLS, dtype=torch.float64)
-            gptr = torch.zeros(self.n_slots, 2, dtype=torch.int64)
+            gptr = torch.zeros(self.n_slots, 3, dtype=torch.int64)
             keep = []
             for i, mod in enumerate(self.mods[:-2]):
                 r = pol.rules.get(mod.name)
@@ -166,8 +166,11 @@ class FusedDecoder:
                 else:
                     a, c, b = r.coef
                     G = r.G.to(torch.float32).contiguous()
+                    half = G.to(torch.float16)
+                    if torch.equal(half.to(torch.float32), G):  # calibrated G is fp16-exact: read half the bytes
+                        G = half.contiguous()
                     keep.append(G)
-                    gptr[i, 0], gptr[i, 1] = G.data_ptr(), G.shape[0]
+                    gptr[i, 0], gptr[i, 1], gptr[i, 2] = G.data_ptr(), G.shape[0], int(G.dtype == torch.float16)
                 rules[i] = torch.tensor([1.0, r.low, r.high, r.threshold, a, c, b], dtype=torch.float64)
             got = (rules, gptr, keep, pol)
             self._rule_cache[key] = got

@@ -13,7 +13,8 @@
  *   chosen uint8 [7L + 2]                 width each slot ran at in the last step
  *   n_high int64 [7L + 2]                 steps at the high width (dynamic slots), counted up
  *   rules  float64 [7L + 2, BD_RULE_COLS] dynamic rule of each slot (on = 0: static width)
- *   gptr   int64 [7L + 2, 2]              (fp32 G [k, K] pointer or 0, k) of each slot's estimator
+ *   gptr   int64 [7L + 2, 3]              (G [k, K] pointer or 0, k, 1 if G is fp16 else fp32) of each slot's
+ *                                         estimator (calibrated G values are fp16-exact: the half copy reads half the bytes)
  */
 #ifndef BITDIAL_DECODE_H
 #define BITDIAL_DECODE_H
