@@ -206,6 +206,17 @@ class DeviceModel:
         return t + self.c0_ms(n_layers) * m
 
 
+def _check_ms_table(table: Any, name: str) -> None:
+    """A {shape: {bits: ms}} table: non-empty, integer widths, finite non-negative times (ValueError naming the entry)."""
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"empty {name}")
+    for key, row in table.items():
+        for b, t in row.items():
+            int(b)
+            if not math.isfinite(float(t)) or float(t) < 0:
+                raise ValueError(f"{name}[{key}][{b}] = {t!r}")
+
+
 def validate_device(d: Any, where: str) -> None:
     """Raise ProfileError naming the first problem of a device profile dict."""
     fix = " Re-run `bitdial profile device` to rebuild it."
@@ -223,25 +234,12 @@ def validate_device(d: Any, where: str) -> None:
             if not math.isfinite(x) or x < 0:
                 raise ValueError(f"linear.{k} = {lin[k]!r}")
         if lat["model"] == "table":
-            if not isinstance(lat["table"], dict) or not lat["table"]:
-                raise ValueError("empty table")
-            for key, row in lat["table"].items():
-                for b, t in row.items():
-                    int(b)
-                    if not math.isfinite(float(t)) or float(t) < 0:
-                        raise ValueError(f"table[{key}][{b}] = {t!r}")
+            _check_ms_table(lat["table"], "table")
             float(lat["c0_ms"])
         if lat["model"] == "step":
-            st = lat["step"]
-            if not isinstance(st["table"], dict) or not st["table"]:
-                raise ValueError("empty step table")
-            for key, row in st["table"].items():
-                for b, t in row.items():
-                    int(b)
-                    if not math.isfinite(float(t)) or float(t) < 0:
-                        raise ValueError(f"step.table[{key}][{b}] = {t!r}")
-            if not math.isfinite(float(st["c0_ms"])):
-                raise ValueError(f"step.c0_ms = {st['c0_ms']!r}")
+            _check_ms_table(lat["step"]["table"], "step.table")
+            if not math.isfinite(float(lat["step"]["c0_ms"])):
+                raise ValueError(f"step.c0_ms = {lat['step']['c0_ms']!r}")
         e = d["energy"]
         for k in ("static_w", "pj_per_byte", "pj_per_flop"):
             x = float(e[k])
