@@ -434,12 +434,16 @@ def test_pareto_and_plots(tiny_path, tiny_profile, tmp_path, monkeypatch):
     assert pts[("uniform", 4)]["memory_bytes"] > pts[("plan", 2.5)]["memory_bytes"] > pts[("uniform", 2)]["memory_bytes"]
     path = Path(shutil.copy(tiny_path, tmp_path / "h.bitdial"))
     save_plan(path, make_plan(open_artifact(path), prof, Budgets(avg_bits=3), name="h"))
+    before = sys.modules.get("matplotlib")  # an earlier test may have imported it: put that module back
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the [plot] extra were missing
     with pytest.raises(BitdialError, match=r"pip install 'bitdial\[plot\]'"):
         write_pareto_plot(res, tmp_path / "f.png")
     with pytest.raises(BitdialError, match="matplotlib"):
         plan_heatmap(path, "h", tmp_path / "h.png")
-    monkeypatch.delitem(sys.modules, "matplotlib")
+    if before is None:
+        monkeypatch.delitem(sys.modules, "matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", before)
     pytest.importorskip("matplotlib")
     assert write_pareto_plot(res, tmp_path / "f.png").stat().st_size > 1000
     assert plan_heatmap(path, "h", tmp_path / "h.png").stat().st_size > 1000
