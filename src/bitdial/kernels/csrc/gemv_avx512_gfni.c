@@ -150,12 +150,38 @@ BD_INLINE __m512i mask_codes(const uint8_t *row, int64_t ps, int64_t ch, int64_t
     return c;
 }
 
+/* The chunks of plane block J of one row into the accumulators acc[q & amask]: 8 full chunks from the block
+ * transpose, or the last, partial block (per-chunk mask codes for a short tail, e.g. the one chunk of K = 576,
+ * else the transpose of the partial block). jj0 = the block's first chunk in the factor window; fac = the
+ * window's factors (code_scale folded in), raw = the same without it (plain mask codes). */
+BD_INLINE void block_chunks(const bd_gemv *a, const uint8_t *row, int64_t J, int jj0, const int k, const float *fac,
+                            const float *raw, __m512 *acc, const int amask, const int qb64) {
+    const int64_t RB = a->RB, ps = a->pstride, nch = (RB + 7) >> 3, nfull = RB >> 6;
+    __m512i c[8];
+    if (J < nfull) {
+        block_codes(row, ps, J, 64, k, SLOTS(k), c);
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; q++) gdecode_chunk(a, c[q], 8 * J + q, jj0 + q, fac, &acc[q & amask], qb64);
+        return;
+    }
+    const int nc = (int)(nch - 8 * J);
+    if (nc <= TAIL_MASK_CHUNKS) {
+        for (int q = 0; q < nc; q++)
+            gdecode_chunk(a, mask_codes(row, ps, 8 * J + q, RB, k), 8 * J + q, jj0 + q, SLOTS(k) == 8 ? fac : raw,
+                          &acc[q & amask], qb64);
+    } else {
+        block_codes(row, ps, J, (int)(RB - 64 * J), k, SLOTS(k), c);
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; q++)
+            if (q < nc) gdecode_chunk(a, c[q], 8 * J + q, jj0 + q, fac, &acc[q & amask], qb64);
+    }
+}
+
 /* One row: returns the 16-lane vector whose lane sum is y[n]. When the groups are the x blocks
  * (G == QB: G = 32 or 64) the offset term sum_g a_g X_g is folded into the window loop, sharing the
  * scale load; otherwise it is a separate pass over the groups. */
 BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int qb64, __m512i idx0) {
-    const int64_t RB = a->RB, ps = a->pstride;
-    const int64_t nch = (RB + 7) >> 3, nfull = RB >> 6, nblk = (RB + 63) >> 6;
+    const int64_t RB = a->RB, nfull = RB >> 6, nblk = (RB + 63) >> 6;
     const int BPF = qb64 ? 2 : 1; /* plane blocks (8 chunks) per window of 16 x blocks */
     const int gq = a->G == a->QB; /* group = x block: no lane permutation, offsets folded in */
     const int idx_const = a->G <= 16 * a->QB; /* then every window has the same block -> group map */
@@ -182,26 +208,8 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
         acc[0] = _mm512_fnmadd_ps(f, _mm512_loadu_ps(a->qs + u0), acc[0]); /* centering */
         if (SLOTS(k) != 8 && J0 + BPF >= nblk && nblk > nfull) store_factors(raw, f); /* tail chunks: plain codes */
         store_factors(fac, SLOTS(k) == 8 ? f : _mm512_mul_ps(f, cs));
-        for (int64_t J = J0; J < J0 + BPF && J < nblk; J++) {
-            __m512i c[8];
-            if (J < nfull) { /* 8 full chunks */
-                block_codes(row, ps, J, 64, k, SLOTS(k), c);
-#pragma GCC unroll 8
-                for (int q = 0; q < 8; q++) gdecode_chunk(a, c[q], 8 * J + q, (int)(8 * (J - J0)) + q, fac, &acc[q & 3], qb64);
-            } else { /* the last, partial block */
-                const int nc = (int)(nch - 8 * J);
-                if (nc <= TAIL_MASK_CHUNKS) { /* a short tail (K = 576: one chunk): per-chunk mask codes */
-                    for (int q = 0; q < nc; q++)
-                        gdecode_chunk(a, mask_codes(row, ps, 8 * J + q, RB, k), 8 * J + q, (int)(8 * (J - J0)) + q,
-                                      SLOTS(k) == 8 ? fac : raw, &acc[q & 3], qb64);
-                } else {
-                    block_codes(row, ps, J, (int)(RB - 64 * J), k, SLOTS(k), c);
-#pragma GCC unroll 8
-                    for (int q = 0; q < 8; q++)
-                        if (q < nc) gdecode_chunk(a, c[q], 8 * J + q, (int)(8 * (J - J0)) + q, fac, &acc[q & 3], qb64);
-                }
-            }
-        }
+        for (int64_t J = J0; J < J0 + BPF && J < nblk; J++)
+            block_chunks(a, row, J, (int)(8 * (J - J0)), k, fac, raw, acc, 3, qb64);
     }
     if (!gq) off = offset_term(a, s16, m16, a->xs);
     const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
@@ -217,8 +225,7 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
 BD_INLINE int short_rows(const bd_gemv *a, const int qb64) { return qb64 && a->G == a->QB && a->RB <= 128; }
 
 BD_INLINE void gshort_rows(const bd_gemv *a, int64_t n, const int k, __m512 *out) {
-    const int64_t RB = a->RB, ps = a->pstride;
-    const int64_t nch = (RB + 7) >> 3, nfull = RB >> 6, nblk = (RB + 63) >> 6; /* nblk <= 2: one window */
+    const int64_t RB = a->RB, nfull = RB >> 6, nblk = (RB + 63) >> 6; /* nblk <= 2: one window */
     const int S = SLOTS(k);
     const __mmask16 live = a->ng >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << a->ng) - 1);
     const __m512 cs = code_scale(S, 1), hmid = _mm512_set1_ps(a->hmid);
@@ -238,30 +245,9 @@ BD_INLINE void gshort_rows(const bd_gemv *a, int64_t n, const int k, __m512 *out
         if (S != 8 && nblk > nfull) _mm512_store_ps(raw[r], f); /* tail chunks: plain codes */
         store_factors(fac[r], S == 8 ? f : _mm512_mul_ps(f, cs));
     }
-    for (int64_t J = 0; J < nblk; J++) {
+    for (int64_t J = 0; J < nblk; J++)
 #pragma GCC unroll 4
-        for (int r = 0; r < SHORT_R; r++) {
-            const uint8_t *row = a->planes + (n + r) * RB;
-            __m512i c[8];
-            if (J < nfull) {
-                block_codes(row, ps, J, 64, k, S, c);
-#pragma GCC unroll 8
-                for (int q = 0; q < 8; q++) gdecode_chunk(a, c[q], 8 * J + q, (int)(8 * J) + q, fac[r], &acc[r][q & 1], 1);
-            } else {
-                const int nc = (int)(nch - 8 * J);
-                if (nc <= TAIL_MASK_CHUNKS) {
-                    for (int q = 0; q < nc; q++)
-                        gdecode_chunk(a, mask_codes(row, ps, 8 * J + q, RB, k), 8 * J + q, (int)(8 * J) + q,
-                                      S == 8 ? fac[r] : raw[r], &acc[r][q & 1], 1);
-                } else {
-                    block_codes(row, ps, J, (int)(RB - 64 * J), k, S, c);
-#pragma GCC unroll 8
-                    for (int q = 0; q < 8; q++)
-                        if (q < nc) gdecode_chunk(a, c[q], 8 * J + q, (int)(8 * J) + q, fac[r], &acc[r][q & 1], 1);
-                }
-            }
-        }
-    }
+        for (int r = 0; r < SHORT_R; r++) block_chunks(a, a->planes + (n + r) * RB, J, (int)(8 * J), k, fac[r], raw[r], acc[r], 1, 1);
     const __m512 L = _mm512_set1_ps(a->L);
 #pragma GCC unroll 4
     for (int r = 0; r < SHORT_R; r++) out[r] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][0], acc[r][1]), L, off[r]);
