@@ -33,20 +33,17 @@ import bitdial.kernels as BK
 from bitdial.artifact import open_artifact
 from bitdial.runtime.anyprec import build_model
 from bitdial.runtime.fused import PARTS
+from bandwidth import probe_bandwidth
 
 ROOT = Path(__file__).resolve().parent
 console = Console(stderr=True)
 
 
-def read_bw(threads: int) -> float:
+def read_bw() -> float:
+    """Best of 5 reads of 512 MiB on the kernel threads (bandwidth.py's probe), GB/s."""
     buf = torch.ones(512 << 20, dtype=torch.uint8)
-    BK.read_bandwidth(buf)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        BK.read_bandwidth(buf)
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() / best / 1e9
+    probe_bandwidth(buf)  # warm: page tables, threads
+    return max(probe_bandwidth(buf) for _ in range(5))
 
 
 def part_bytes(model, k: int | None, head_bits: int | None) -> dict[str, float]:
@@ -57,10 +54,7 @@ def part_bytes(model, k: int | None, head_bits: int | None) -> dict[str, float]:
             "up_proj": "gate_up", "down_proj": "down", "lm_head": "head"}
     for name, m in model.linears().items():
         part = kind[name.rsplit(".", 1)[-1]]
-        N, K = m.out_features, m.in_features
-        b = (head_bits if part == "head" else k) or m.bits
-        G = m.qt.group_size
-        out[part] += b * N * ((K + 7) // 8) + 4 * N * ((K + G - 1) // G)
+        out[part] += m.qt.bytes_read((head_bits if part == "head" else k) or m.bits)
     return out
 
 
@@ -115,7 +109,7 @@ def main() -> None:
     for nt in threads:
         torch.set_num_threads(nt)
         BK.set_threads(nt)
-        bw = read_bw(nt)
+        bw = read_bw()
         console.log(f"{nt} thread(s): read bandwidth {bw:.1f} GB/s")
         for k in bits:
             hb = args.head_bits or k

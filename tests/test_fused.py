@@ -244,10 +244,7 @@ def test_fused_profile_counters(art_path):
     assert sum(parts.values()) == pytest.approx(s["step_ms"], rel=1e-6)
     assert 0 <= s["prepare_ms"] <= sum(v for k, v in parts.items() if k != "other")
     assert s["estimate_ms"] == 0.0  # no dynamic policy
-    expect = 0
-    for m in model.linears().values():
-        N, K, G = m.out_features, m.in_features, m.qt.group_size
-        expect += m.bits * N * ((K + 7) // 8) + 4 * N * ((K + G - 1) // G)
+    expect = sum(m.qt.bytes_read(m.bits) for m in model.linears().values())
     gemv_s = sum(v for k, v in parts.items() if k != "other") * s["steps"] / 1e3
     assert s["gbs"] * 1e9 * gemv_s == pytest.approx(expect * s["steps"], rel=1e-6)  # GB/s of GEMV job time
     assert fused.stats()["steps"] == 0  # read and reset

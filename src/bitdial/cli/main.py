@@ -145,19 +145,23 @@ def info(
     out.print(t)
 
 
-def _plan_info(path: str, name: str, heatmap: Optional[Path], json_out: bool) -> None:
-    """`bitdial info A.bitdial --plan NAME`: the per-layer table of a stored plan (and its heatmap)."""
+def show_plan(path, name: str, heatmap: Optional[Path], json_out: bool) -> None:
+    """A stored plan's per-layer table (or JSON) and optionally its heatmap: `info --plan`, `plan --show`."""
     from bitdial import planning as P
     from bitdial.planning.views import plan_heatmap, plan_table
 
+    if json_out:
+        _emit_json(P.load_plans(path).get(name) or P.plan_bits(path, name))
+    else:
+        out.print(plan_table(path, name))
+    if heatmap is not None:
+        plan_heatmap(path, name, heatmap)
+
+
+def _plan_info(path: str, name: str, heatmap: Optional[Path], json_out: bool) -> None:
+    """`bitdial info A.bitdial --plan NAME`."""
     try:
-        if json_out:
-            _emit_json(P.load_plans(path).get(name) or P.plan_bits(path, name))
-        else:
-            out.print(plan_table(path, name))
-        if heatmap is not None:
-            plan_heatmap(path, name, heatmap)
-            err.print(f"[dim]heatmap -> {heatmap}[/]")
+        show_plan(path, name, heatmap, json_out)
     except (BitdialError, ValueError, FileNotFoundError) as e:
         _fail(e)
 

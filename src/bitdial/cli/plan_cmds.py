@@ -237,14 +237,7 @@ def plan_cmd(
             m.err.print(f"deleted plan {delete!r} from {artifact}")
             return
         if show:
-            from bitdial.planning.views import plan_heatmap, plan_table
-
-            if json_out:
-                m._emit_json(P.load_plans(artifact).get(show) or P.plan_bits(artifact, show))
-            else:
-                m.out.print(plan_table(artifact, show))
-            if heatmap:
-                plan_heatmap(artifact, show, heatmap)
+            m.show_plan(artifact, show, heatmap, json_out)
             return
         if profile is None:
             raise BitdialError("--profile is required to make a plan (create one with `bitdial profile sensitivity`)")

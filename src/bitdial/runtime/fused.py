@@ -236,13 +236,13 @@ class FusedDecoder:
         quantizing activations and in the dynamic estimates (both inside the parts); ``gbs``, plane and scale
         bytes read per second of GEMV jobs."""
         nan = float("nan")
+        empty = {"steps": 0, "step_ms": nan, "gemv_share": nan, "parts_ms": {}, "prepare_ms": nan, "estimate_ms": nan,
+                 "gbs": nan}
         if self._handle is None:
-            return {"steps": 0, "step_ms": nan, "gemv_share": nan, "parts_ms": {}, "prepare_ms": nan, "estimate_ms": nan,
-                    "gbs": nan}
+            return empty
         n, tot, gemv, parts, prep, est, nbytes = _kernels._native.decoder_stats(self._handle)
         if not n:
-            return {"steps": 0, "step_ms": nan, "gemv_share": nan, "parts_ms": {}, "prepare_ms": nan, "estimate_ms": nan,
-                    "gbs": nan}
+            return empty
         per = {name: ns / n / 1e6 for name, ns in zip(PARTS, parts)}
         per["other"] = (tot - gemv) / n / 1e6
         return {"steps": n, "step_ms": tot / n / 1e6, "gemv_share": gemv / tot if tot else nan, "parts_ms": per,
