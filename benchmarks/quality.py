@@ -11,6 +11,14 @@ compare the linear-layer quantizers alone):
   calib       search, errors weighted by activation importance from --calib text (not the eval text)
   nonuniform  per-row sensitivity-weighted k-means seed + incremental upscaling (LUTs; no groups)
 
+``--dither SEED`` (off by default) takes the reference off the Q4_1 grid first: the default model's linear
+weights sit on Q4_1 levels (groups of 32 along K, 16 levels ``m + d j``), so a 4- or 8-bit min/max
+quantizer with groups aligned to 32 (RTN at G = 32, in part at 64 and 128) reproduces them almost
+exactly, which no method with other levels can. With ``--dither`` every such weight gets uniform noise of
+one Q4_1 step, ``U(-d/2, d/2)`` (d = (max - min) / 15 of its 32-group), seeded: a model with the same
+shapes and weight distribution whose values are not on any grid. That dithered model, in fp32, is then
+the reference of every method (its own reference cache; results to ``quality_dither.json`` by default).
+
 Text: WikiText-2 validation, windows of --ctx (non-overlapping), the first --windows of them.
 Writes benchmarks/results/quality.json and prints one table per group size. The reference's
 distributions come from bitdial.eval's on-disk cache (top-64 + tail samples); KL is the unbiased
@@ -54,6 +62,21 @@ def quantize_all(src, method: str, G: int, importance=None):
     return out
 
 
+def dither_off_grid(src, seed: int) -> None:
+    """Move every linear weight of ``src`` off its Q4_1 grid in place: + U(-d/2, d/2), d the Q4_1 step of its
+    group of 32 along K (d = (max - min) / 15: Q4_1 codes span 0..15 in every group)."""
+    g = torch.Generator().manual_seed(seed)
+    for name in src.config.linear_names():
+        W = src.tensors[f"{name}.weight"].float()
+        N, K = W.shape
+        if K % 32:
+            raise SystemExit(f"--dither: {name} has K={K}, not a multiple of the Q4_1 group of 32")
+        Wg = W.reshape(N, K // 32, 32)
+        d = (Wg.amax(dim=-1, keepdim=True) - Wg.amin(dim=-1, keepdim=True)) / 15  # [N, K/32, 1]
+        u = torch.rand(Wg.shape, generator=g) - 0.5
+        src.tensors[f"{name}.weight"] = (Wg + u * d).reshape(N, K).contiguous()
+
+
 def weights_at(src, method: str, G: int, k: int, qts) -> dict[str, torch.Tensor]:
     from bitdial.quant.uniform import quantize_rtn
 
@@ -75,17 +98,24 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,nested,search,calib,nonuniform")
     ap.add_argument("--calib", default=str(DATA / "gutenberg" / "pg1342.txt"))
     ap.add_argument("--calib-tokens", type=int, default=8192)
-    ap.add_argument("--out", default=str(ROOT / "results" / "quality.json"))
+    ap.add_argument("--dither", type=int, default=0, metavar="SEED",
+                    help="take the reference off the Q4_1 grid with this seed (0: the model as it is)")
+    ap.add_argument("--out", default=None, help="default: results/quality.json (quality_dither.json with --dither)")
     a = ap.parse_args()
+    if a.out is None:
+        a.out = str(ROOT / "results" / ("quality_dither.json" if a.dither else "quality.json"))
     con = Console()
     err = Console(stderr=True)
 
     src = load_model("default")
     src.tensors = dict(src.tensors)
+    if a.dither:
+        dither_off_grid(src, a.dither)
     ids = src.tokenizer.encode((DATA / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8"))
     ref_model = Transformer(src.config, src.tensors).eval()
     ref = load_or_build_reference(model_logits_fn(ref_model), ids, ctx=a.ctx, max_windows=a.windows, top_k=64,
-                                  identity="default-fp32", tail_samples=32)
+                                  identity=f"default-fp32-dither{a.dither}" if a.dither else "default-fp32",
+                                  tail_samples=32)
     importance = None
     bits = [int(b) for b in a.bits.split(",")]
     groups = [int(g) for g in a.groups.split(",")]
@@ -98,7 +128,7 @@ def main() -> None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"benchmark": "quality", "model": "SmolLM2-135M-Instruct", "text": "wikitext-2 valid",
                 "ctx": a.ctx, "windows": a.windows, "scored_tokens": ref.n_scored, "ref_ppl": ref.ppl,
-                "calib": a.calib, "calib_tokens": a.calib_tokens,
+                "calib": a.calib, "calib_tokens": a.calib_tokens, "dither_seed": a.dither,
                 "note": "linears only; embeddings/head full precision; kl = tail-sampled estimate of full KL"}
         out_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
@@ -126,7 +156,8 @@ def main() -> None:
                 save()
 
     for G in groups:
-        t = Table(title=f"KL divergence (nats) / perplexity vs fp32 (ppl {ref.ppl:.3f}); group size {G} "
+        t = Table(title=f"KL divergence (nats) / perplexity vs fp32{' (dithered)' if a.dither else ''} "
+                        f"(ppl {ref.ppl:.3f}); group size {G} "
                         f"(nonuniform: per-row LUT); ctx {a.ctx}, {ref.n_scored} tokens")
         t.add_column("bits", justify="right")
         for m in methods:

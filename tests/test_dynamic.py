@@ -105,6 +105,34 @@ def test_estimators_against_the_exact_error(dyn_path):
     assert r.estimator == "linear" and r.fit["r2_linear"] > 0.999
 
 
+def test_int8_estimator_format(dyn_path):
+    """calibrate stores each projection G as int8 codes x one power-of-two scale per row: exact in F16,
+    within half a step of the unrounded G, and split back into (codes, scales) exactly."""
+    from bitdial.policies.dynamic import g_int8_parts, round_g_int8
+
+    G = torch.randn(6, 97, generator=torch.Generator().manual_seed(3)) * torch.logspace(-4, 1, 6)[:, None]
+    G[2] = 0.0  # an all-zero row
+    R = round_g_int8(G)
+    assert torch.equal(R.half().float(), R)  # stored as F16 without loss
+    q, sc = g_int8_parts(R)
+    assert q.dtype == torch.int8 and torch.equal(q.float() * sc[:, None], R)
+    amax = G.abs().amax(dim=1)
+    assert bool((sc[amax > 0] <= 2 * amax[amax > 0] / 127).all())  # the step: at most twice amax / 127
+    assert bool(((R - G).abs() <= sc[:, None] / 2).all())  # rounding: half a step at most
+    assert bool((q.abs().amax(dim=1)[[0, 1, 3, 4, 5]] >= 64).all())  # the scale uses at least half the range
+    assert torch.equal(torch.log2(sc), torch.round(torch.log2(sc)))  # powers of two
+    assert g_int8_parts(G) is None  # unrounded values are not in the format
+    # the worked example of docs/dynamic.md ("The int8 estimator format")
+    q, sc = g_int8_parts(round_g_int8(torch.tensor([[0.0131, -0.0470, 0.0026, 0.0302]])))
+    assert q.tolist() == [[27, -96, 5, 62]] and sc.tolist() == [2.0 ** -11]
+    lin = _module(dyn_path)
+    X = _inputs(lin.in_features, 400, seed=1)
+    e = torch.linalg.vector_norm(X @ (lin.weight_at(4) - lin.weight_at(3)).T, dim=-1)
+    r = fit_rule(lin.name, lin, 3, 4, 3.5, 5, X, e, 300, CalibSettings(estimator="pca", proj_dim=8),
+                 torch.Generator().manual_seed(0))
+    assert g_int8_parts(r.G) is not None  # what calibrate fits is in the format
+
+
 @pytest.mark.parametrize("p", [3.1, 3.5, 3.9])
 def test_thresholds_reproduce_the_intended_rate_on_held_out_inputs(dyn_path, p):
     lin = _module(dyn_path)

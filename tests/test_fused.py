@@ -8,7 +8,7 @@ import torch
 import bitdial.kernels as BK
 from bitdial.artifact import QuantSettings, write_artifact
 from bitdial.loading import LoadedModel
-from bitdial.policies.dynamic import DynamicPolicy, DynamicRuntime, ModuleRule
+from bitdial.policies.dynamic import DynamicPolicy, DynamicRuntime, ModuleRule, round_g_int8
 from bitdial.runtime.anyprec import build_model, set_bits
 from conftest import make_tiny
 
@@ -136,16 +136,18 @@ def _policy(model, target, with_proj: bool | str) -> DynamicPolicy:
             continue
         lo, hi = (3, 4) if n.endswith(("o_proj", "down_proj")) else (2, 4)
         if with_proj and n.endswith(("q_proj", "gate_proj")):
-            G = torch.randn(8, m.in_features, generator=g)
-            if with_proj == "fp16":  # fp16-exact values, as calibrate stores them: the step reads a half copy
+            G = torch.randn(13 if with_proj == "int8" else 8, m.in_features, generator=g)
+            if with_proj == "fp16":  # fp16-exact values (older calibrations): the step reads a half copy
                 G = G.half().float()
+            elif with_proj == "int8":  # the int8 estimator format calibrate stores: int8 codes + row scales
+                G = round_g_int8(G)
             rules[n] = ModuleRule(n, lo, hi, (lo + hi) / 2, 1.0, "pca", (0.2, 0.1, -0.05), G, 4)
         else:
             rules[n] = ModuleRule(n, lo, hi, (lo + hi) / 2, 2.0, "linear", (0.3, 0.0, 0.0), None, 4)
     return DynamicPolicy(target, rules)
 
 
-@pytest.mark.parametrize("with_proj", [False, "fp32", "fp16"])
+@pytest.mark.parametrize("with_proj", [False, "fp32", "fp16", "int8"])
 def test_fused_dynamic_matches_module_path(art_path, with_proj):
     model = build_model(art_path, 4)
     dyn = DynamicRuntime(model, {3.0: _policy(model, 3.0, with_proj)})
@@ -155,16 +157,26 @@ def test_fused_dynamic_matches_module_path(art_path, with_proj):
     model.fast_decode.stats()
     fused = _run(model, prompt, 8, True)
     assert model.fast_decode.stats()["estimate_ms"] > 0  # the per-token estimates are timed on their own
-    if with_proj:  # fp16-exact projections are handed to the step as fp16, the others as fp32
+    if with_proj:  # int8-format projections reach the step as int8, fp16-exact ones as fp16, others as fp32
         _, (_, gptr, _, _) = model.fast_decode._rules_for(dyn)
         used = gptr[gptr[:, 0] != 0]
-        assert len(used) and set(used[:, 2].tolist()) == {int(with_proj == "fp16")}
+        assert len(used) and set(used[:, 2].tolist()) == {{"fp32": 0, "fp16": 1, "int8": 2}[with_proj]}
     rates_fused = dyn.module_rates()
     dyn.reset_counters()
     ref = _run(model, prompt, 8, False)
     rates_mod = dyn.module_rates()
     _close(fused, ref)
     assert rates_fused == pytest.approx(rates_mod, nan_ok=True)
+    if with_proj == "int8":  # every instruction set's int8 estimate decides the same
+        before = BK.variant()
+        try:
+            for v in BK.variants():
+                BK.set_isa(v)
+                dyn.reset_counters()
+                _close(_run(model, prompt, 8, True), ref)
+                assert dyn.module_rates() == pytest.approx(rates_mod, nan_ok=True), v
+        finally:
+            BK.set_isa(before)
     # switching the target off returns to the static widths in the fused step
     dyn.set_target(None)
     _close(_run(model, prompt, 3, True), _run(model, prompt, 3, False))

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdial.errors import BitdialError
-from bitdial.policies.dynamic import ESTIMATORS, DynamicPolicy, ModuleRule, PolicyError, save_policies
+from bitdial.policies.dynamic import (ESTIMATORS, DynamicPolicy, ModuleRule, PolicyError, round_g_int8,
+                                      save_policies)
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +332,7 @@ def fit_rule(name: str, lin, lo: int, hi: int, p: float, max_bits: int, X: torch
     else:
         D = lin.qt.dequantize(hi) - lin.qt.dequantize(lo)  # [N, K]
         G = projection_matrix(D, X[fit], kind, s.proj_dim, gen)
-        G = G.to(torch.float16).to(torch.float32)  # the values stored
+        G = round_g_int8(G).half().float()  # the values stored: int8 codes x power-of-two row scales
         g = torch.linalg.vector_norm(X @ G.T, dim=-1)
         sol, r2p = _lstsq([g[fit], n[fit]], e[fit])
         coef = (float(sol[0]), float(sol[1]), float(sol[2]))

@@ -25,7 +25,11 @@ Prefill runs every module at its maximum ``B_i`` (``prefill="max"``, the default
 (``prefill="per-token"``: each row of the batch decides for itself, as in decoding; used for perplexity).
 
 Storage: ``meta["policies"][name]`` (JSON, see :meth:`DynamicPolicy.to_json`) plus one F16 tensor
-``policy.<name>.<module>.G`` per projection estimator, in the artifact itself.
+``policy.<name>.<module>.G`` per projection estimator, in the artifact itself. ``bitdial calibrate``
+rounds every G to the *int8 estimator format* (:func:`round_g_int8`): each row is ``q * 2^e`` with
+integer ``|q| <= 127``. Those values are exact in F16 (so the file format is unchanged), and the fused
+decode step reads them as int8 codes plus one power-of-two scale per row: a quarter of the fp32 bytes,
+the same estimate (:func:`g_int8_parts`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,39 @@ SCHEMA_VERSION = 1
 
 class PolicyError(BitdialError, ValueError):
     """A dynamic policy that is missing, malformed or does not fit the artifact."""
+
+
+# ---- the int8 estimator format ---------------------------------------------------------------------
+G_INT8_MAX = 127
+
+
+def _row_exponents(G: torch.Tensor) -> torch.Tensor:
+    """e [k, 1]: the smallest power of two with max_j |G_tj| <= 127 * 2^e (0 for an all-zero row)."""
+    amax = G.abs().amax(dim=1, keepdim=True).double()
+    e = torch.ceil(torch.log2(amax / G_INT8_MAX))
+    return torch.where(amax > 0, e, torch.zeros_like(e))
+
+
+def round_g_int8(G: torch.Tensor) -> torch.Tensor:
+    """G [k, K] rounded to the int8 estimator format: row t becomes ``q_t * 2^e_t`` (fp32), ``q_t``
+    integers in [-127, 127], ``e_t`` from the row's largest magnitude (at least 64 of the 127 steps used)."""
+    G = G.to(torch.float32)
+    sc = torch.exp2(_row_exponents(G)).to(torch.float32)
+    return torch.round(G / sc).clamp_(-G_INT8_MAX, G_INT8_MAX).mul_(sc)
+
+
+def g_int8_parts(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q int8 [k, K], scales fp32 [k]) with ``G == q * scales[:, None]`` exactly, the scales powers of two;
+    None when G is not in the int8 estimator format (e.g. an older calibration's fp16 values)."""
+    G = G.to(torch.float32)
+    if G.ndim != 2 or not torch.isfinite(G).all():
+        return None
+    sc = torch.exp2(_row_exponents(G)).to(torch.float32)  # [k, 1]
+    q = G / sc
+    if not (torch.equal(q, torch.round(q)) and bool((q.abs() <= G_INT8_MAX).all())
+            and torch.equal(q * sc, G)):
+        return None
+    return q.to(torch.int8).contiguous(), sc.flatten().contiguous()
 
 
 def policy_name(target: float) -> str:

@@ -43,6 +43,31 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 RULE_COLS = 7  # on, low, high, threshold, a, c, b (csrc/decode.h)
 
 
+G_FP32, G_FP16, G_INT8 = 0, 1, 2  # estimator matrix formats (csrc/decode.h BD_G_*)
+
+
+def _estimator_matrix(G: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The copy of an estimator's G [k, K] that the step reads, and its format: int8 codes and row scales
+    for the int8 estimator format that calibrate stores (policies.dynamic.g_int8_parts), else fp16 for
+    fp16-exact values, else fp32. Every format gives the estimate of the fp32 values."""
+    from bitdial.policies.dynamic import g_int8_parts
+
+    G = G.to(torch.float32).contiguous()
+    parts = g_int8_parts(G)
+    if parts is not None:
+        q, sc = parts
+        k, K = q.shape
+        off = (k * K + 63) // 64 * 64  # csrc/decode.h bd_g_int8_scales_offset
+        buf = torch.zeros(off + 4 * k, dtype=torch.uint8)
+        buf[: k * K] = q.view(torch.uint8).flatten()
+        buf[off:] = sc.view(torch.uint8)
+        return buf, G_INT8
+    half = G.to(torch.float16)
+    if torch.equal(half.to(torch.float32), G):  # fp16-exact: read half the bytes
+        return half.contiguous(), G_FP16
+    return G, G_FP32
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -93,7 +118,7 @@ class FusedDecoder:
         self.chosen = torch.zeros(n, dtype=torch.uint8)
         self.n_high = torch.zeros(n, dtype=torch.int64)
         self.rules = torch.zeros(n, RULE_COLS, dtype=torch.float64)
-        self.gptr = torch.zeros(n, 3, dtype=torch.int64)  # G pointer, rows, fp16 flag (csrc/decode.h)
+        self.gptr = torch.zeros(n, 3, dtype=torch.int64)  # G pointer, rows, format G_* (csrc/decode.h)
         self.steps = 0  # fused steps with dynamic rules since the last counter flush
         for i, m in enumerate(mods):
             if self.dense:
@@ -165,12 +190,9 @@ class FusedDecoder:
                     a = b = c = 0.0
                 else:
                     a, c, b = r.coef
-                    G = r.G.to(torch.float32).contiguous()
-                    half = G.to(torch.float16)
-                    if torch.equal(half.to(torch.float32), G):  # calibrated G is fp16-exact: read half the bytes
-                        G = half.contiguous()
+                    G, fmt = _estimator_matrix(r.G)
                     keep.append(G)
-                    gptr[i, 0], gptr[i, 1], gptr[i, 2] = G.data_ptr(), G.shape[0], int(G.dtype == torch.float16)
+                    gptr[i, 0], gptr[i, 1], gptr[i, 2] = G.data_ptr(), r.G.shape[0], fmt
                 rules[i] = torch.tensor([1.0, r.low, r.high, r.threshold, a, c, b], dtype=torch.float64)
             got = (rules, gptr, keep, pol)
             self._rule_cache[key] = got

@@ -20,7 +20,7 @@
  * are written to `chosen` (uint8) and the high decisions counted in `n_high` (int64).
  */
 #include <math.h>
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <stdatomic.h>
@@ -109,6 +109,38 @@ static float doth(const uint16_t *a, const float *b, int64_t n) {
         for (int l = 0; l < 16; l++) acc[l] += bd_half_to_float(a[i + l]) * b[i + l];
 #endif
     for (int l = 0; i < n; i++, l++) acc[l] += bd_half_to_float(a[i]) * b[i];
+    float s = 0.f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    return s;
+}
+
+/* dotf with a in int8 (an estimator's projection G stored as q * 2^e per row, bitdial.policies.dynamic):
+ * the same 16 partial sums over the integer codes; the caller applies the row's power-of-two scale, which
+ * commutes exactly with every rounding, so the result is dotf over the fp32 values q * 2^e. */
+static float doti8(const int8_t *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 v = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16)
+        v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(a + i)))),
+                            _mm512_loadu_ps(b + i), v);
+    _mm512_storeu_ps(acc, v);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        const __m128i q = _mm_loadu_si128((const __m128i *)(a + i));
+        v0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(b + i), v0);
+        v1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), _mm256_loadu_ps(b + i + 8),
+                             v1);
+    }
+    _mm256_storeu_ps(acc, v0);
+    _mm256_storeu_ps(acc + 8, v1);
+#else
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += (float)a[i + l] * b[i + l];
+#endif
+    for (int l = 0; i < n; i++, l++) acc[l] += (float)a[i] * b[i];
     float s = 0.f;
     for (int l = 0; l < 16; l++) s += acc[l];
     return s;
@@ -254,11 +286,23 @@ static int pick_bits(bd_decoder *d, int i, const float *x, double nx) {
         e = r[BD_RULE_A] * nx + r[BD_RULE_B];
     } else {
         const int64_t K = d->lin[i].K;
-        const int half = d->gptr[3 * i + 2] != 0;
+        const int64_t fmt = d->gptr[3 * i + 2];
         double g2 = 0.0;
-        for (int64_t t = 0; t < k; t++) {
-            const double acc = half ? doth((const uint16_t *)G + t * K, x, K) : dotf((const float *)G + t * K, x, K);
-            g2 += acc * acc;
+        if (fmt == BD_G_INT8) { /* k rows of K int8 codes, then k fp32 row scales (powers of two) */
+            /* one row at a time: G arrives cold from DRAM (the weight streams evicted it), and rows read in
+               order stream best (8 rows interleaved, to hide the FMA latency, ran 1.7x slower cold) */
+            const int8_t *q = (const int8_t *)G;
+            const float *sc = (const float *)(q + bd_g_int8_scales_offset(k, K));
+            for (int64_t t = 0; t < k; t++) {
+                const double acc = (double)(doti8(q + t * K, x, K) * sc[t]);
+                g2 += acc * acc;
+            }
+        } else {
+            for (int64_t t = 0; t < k; t++) {
+                const double acc = fmt == BD_G_FP16 ? doth((const uint16_t *)G + t * K, x, K)
+                                                    : dotf((const float *)G + t * K, x, K);
+                g2 += acc * acc;
+            }
         }
         e = r[BD_RULE_A] * sqrt(g2) + r[BD_RULE_C] * nx + r[BD_RULE_B];
     }

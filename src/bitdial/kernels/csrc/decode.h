@@ -13,8 +13,10 @@
  *   chosen uint8 [7L + 2]                 width each slot ran at in the last step
  *   n_high int64 [7L + 2]                 steps at the high width (dynamic slots), counted up
  *   rules  float64 [7L + 2, BD_RULE_COLS] dynamic rule of each slot (on = 0: static width)
- *   gptr   int64 [7L + 2, 3]              (G [k, K] pointer or 0, k, 1 if G is fp16 else fp32) of each slot's
- *                                         estimator (calibrated G values are fp16-exact: the half copy reads half the bytes)
+ *   gptr   int64 [7L + 2, 3]              (G pointer or 0, k, format BD_G_*) of each slot's estimator G [k, K]:
+ *                                         fp32; fp16 (fp16-exact values: half the bytes); or int8: k rows of K codes
+ *                                         q, then at bd_g_int8_scales_offset(k, K) bytes k fp32 row scales 2^e, for
+ *                                         G = q * 2^e as calibrate stores it (a quarter of the fp32 bytes)
  */
 #ifndef BITDIAL_DECODE_H
 #define BITDIAL_DECODE_H
@@ -30,6 +32,11 @@ enum {
 };
 #define DESC_PER_LAYER 6
 #define DESC_PER_LIN 9
+
+enum { BD_G_FP32 = 0, BD_G_FP16 = 1, BD_G_INT8 = 2 };
+
+/* byte offset of the row scales after the k x K int8 codes of an int8 G (64-byte aligned) */
+static inline int64_t bd_g_int8_scales_offset(int64_t k, int64_t K) { return (k * K + 63) / 64 * 64; }
 
 enum { BD_RULE_ON, BD_RULE_LOW, BD_RULE_HIGH, BD_RULE_THRESHOLD, BD_RULE_A, BD_RULE_C, BD_RULE_B, BD_RULE_COLS };
 
