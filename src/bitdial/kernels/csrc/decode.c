@@ -72,6 +72,13 @@ static inline float exp_fast(float x) {
     return p;
 }
 
+/* The 16 partial sums of dotf/doth/doti8 added in lane order (the same result on every build). */
+static float lane_sum(const float *acc) {
+    float s = 0.f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    return s;
+}
+
 /* sum_i a[i] b[i] with 16 independent partial sums: a reduction the compiler vectorizes without
  * reassociating (the lanes are the partial sums), so the result is the same on every build. */
 static float dotf(const float *a, const float *b, int64_t n) {
@@ -80,9 +87,7 @@ static float dotf(const float *a, const float *b, int64_t n) {
     for (; i + 16 <= n; i += 16)
         for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
     for (int l = 0; i < n; i++, l++) acc[l] += a[i] * b[i];
-    float s = 0.f;
-    for (int l = 0; l < 16; l++) s += acc[l];
-    return s;
+    return lane_sum(acc);
 }
 
 /* dotf with a in fp16 (the estimators' projection G): the same 16 partial sums over the same values. The
@@ -109,9 +114,7 @@ static float doth(const uint16_t *a, const float *b, int64_t n) {
         for (int l = 0; l < 16; l++) acc[l] += bd_half_to_float(a[i + l]) * b[i + l];
 #endif
     for (int l = 0; i < n; i++, l++) acc[l] += bd_half_to_float(a[i]) * b[i];
-    float s = 0.f;
-    for (int l = 0; l < 16; l++) s += acc[l];
-    return s;
+    return lane_sum(acc);
 }
 
 /* dotf with a in int8 (an estimator's projection G stored as q * 2^e per row, bitdial.policies.dynamic):
@@ -141,9 +144,7 @@ static float doti8(const int8_t *a, const float *b, int64_t n) {
         for (int l = 0; l < 16; l++) acc[l] += (float)a[i + l] * b[i + l];
 #endif
     for (int l = 0; i < n; i++, l++) acc[l] += (float)a[i] * b[i];
-    float s = 0.f;
-    for (int l = 0; l < 16; l++) s += acc[l];
-    return s;
+    return lane_sum(acc);
 }
 
 static void rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps) {
@@ -288,21 +289,15 @@ static int pick_bits(bd_decoder *d, int i, const float *x, double nx) {
         const int64_t K = d->lin[i].K;
         const int64_t fmt = d->gptr[3 * i + 2];
         double g2 = 0.0;
-        if (fmt == BD_G_INT8) { /* k rows of K int8 codes, then k fp32 row scales (powers of two) */
-            /* one row at a time: G arrives cold from DRAM (the weight streams evicted it), and rows read in
-               order stream best (8 rows interleaved, to hide the FMA latency, ran 1.7x slower cold) */
-            const int8_t *q = (const int8_t *)G;
-            const float *sc = (const float *)(q + bd_g_int8_scales_offset(k, K));
-            for (int64_t t = 0; t < k; t++) {
-                const double acc = (double)(doti8(q + t * K, x, K) * sc[t]);
-                g2 += acc * acc;
-            }
-        } else {
-            for (int64_t t = 0; t < k; t++) {
-                const double acc = fmt == BD_G_FP16 ? doth((const uint16_t *)G + t * K, x, K)
-                                                    : dotf((const float *)G + t * K, x, K);
-                g2 += acc * acc;
-            }
+        /* int8: k rows of K codes, then k fp32 row scales (powers of two). One row at a time: G arrives cold
+           from DRAM (the weight streams evicted it), and rows read in order stream best (8 rows interleaved,
+           to hide the FMA latency, ran 1.7x slower cold). */
+        const float *sc = fmt == BD_G_INT8 ? (const float *)((const int8_t *)G + bd_g_int8_scales_offset(k, K)) : NULL;
+        for (int64_t t = 0; t < k; t++) {
+            const double acc = fmt == BD_G_INT8   ? (double)(doti8((const int8_t *)G + t * K, x, K) * sc[t])
+                               : fmt == BD_G_FP16 ? doth((const uint16_t *)G + t * K, x, K)
+                                                  : dotf((const float *)G + t * K, x, K);
+            g2 += acc * acc;
         }
         e = r[BD_RULE_A] * sqrt(g2) + r[BD_RULE_C] * nx + r[BD_RULE_B];
     }
