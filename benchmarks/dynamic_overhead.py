@@ -17,6 +17,13 @@ in one process, on an idle machine. Writes JSON and prints a table. The overhead
 ``dyn vs plan``) are medians of the per-round ratios: the runs of one round are back to back, so each
 ratio is measured on one machine state (on a noisy host the times of one configuration move by 30%
 between rounds, far more than the ratios).
+
+``--interleave step`` makes a round one decode step: at each position of a teacher-forced text
+(WikiText-2 validation, after the prompt) every configuration runs the same token at the same position,
+back to back in a rotating order, and the native step's own time is taken (the fused step's counters;
+the Python around it is the same for every configuration). The rounds are then ~30 ms apart instead of
+seconds, so host drift cancels within a round; ``--runs`` is the number of positions (default 256 in
+this mode), and the figures are medians and means over them.
 """
 
 from __future__ import annotations
@@ -48,12 +55,16 @@ def main() -> None:
     ap.add_argument("--artifact", required=True)
     ap.add_argument("--profile", default=None)
     ap.add_argument("--targets", default=None, help="default: every stored target")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=None, help="rounds (default 5; 256 with --interleave step)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--interleave", choices=("run", "step"), default="run",
+                    help="a round is one generation per configuration (run) or one decode step (step)")
     ap.add_argument("--label", default=None)
     ap.add_argument("--out", default=str(ROOT / "results" / "dynamic_overhead.json"))
     args = ap.parse_args()
+    if args.runs is None:
+        args.runs = 256 if args.interleave == "step" else 5
     console = Console(stderr=True)
     set_threads(args.threads)
     from bitdial import kernels
@@ -102,14 +113,18 @@ def main() -> None:
             run()
     times: dict[str, dict[str, list]] = {t: {c: [] for c in cfg} for t, cfg in configs.items()}
     bits: dict[str, dict[str, list]] = {t: {c: [] for c in cfg} for t, cfg in configs.items()}
-    for i in range(args.runs):
-        for t, cfg in configs.items():
-            for c, (kind, val) in cfg.items():
-                apply(kind, val)
-                ms, b = run()
-                times[t][c].append(ms)
-                bits[t][c].append(b)
-        console.print(f"round {i + 1}/{args.runs} done")
+    if args.interleave == "step":
+        step_rounds(model, art, ids, configs, apply, times, bits, args.runs, console)
+    else:
+        for i in range(args.runs):
+            for t, cfg in configs.items():
+                for c, (kind, val) in cfg.items():
+                    apply(kind, val)
+                    ms, b = run()
+                    times[t][c].append(ms)
+                    bits[t][c].append(b)
+            console.print(f"round {i + 1}/{args.runs} done")
+    runs = len(next(iter(next(iter(times.values())).values())))
 
     rows = []
     for t, cfg in configs.items():
@@ -127,27 +142,32 @@ def main() -> None:
 
         # the configurations of one round run back to back, so the ratio of one round is measured on one
         # machine state: on a noisy host the median of per-round ratios is the robust figure
-        r_matched = [T["dynamic"][i] / matched_at(i) - 1 for i in range(args.runs)]
+        r_matched = [T["dynamic"][i] / matched_at(i) - 1 for i in range(runs)]
+        matched = [matched_at(i) for i in range(runs)]
         row = {"target": tf, "ms_per_token": med, "realized_bits": rb, "runs": times[t],
-               "static_matched_ms": statistics.median(matched_at(i) for i in range(args.runs)),
-               "dynamic_vs_matched": statistics.median(r_matched), "dynamic_vs_matched_rounds": r_matched}
+               "static_matched_ms": statistics.median(matched),
+               "dynamic_vs_matched": statistics.median(r_matched), "dynamic_vs_matched_rounds": r_matched,
+               # ratio of the means: what tokens/s over the whole text would show
+               "dynamic_vs_matched_mean": statistics.fmean(T["dynamic"]) / statistics.fmean(matched) - 1}
         if "static-plan" in med:
-            r_plan = [T["dynamic"][i] / T["static-plan"][i] - 1 for i in range(args.runs)]
+            r_plan = [T["dynamic"][i] / T["static-plan"][i] - 1 for i in range(runs)]
             row["dynamic_vs_static_plan"] = statistics.median(r_plan)
             row["dynamic_vs_static_plan_rounds"] = r_plan
+            row["dynamic_vs_static_plan_mean"] = statistics.fmean(T["dynamic"]) / statistics.fmean(T["static-plan"]) - 1
         rows.append(row)
 
     out_path = Path(args.out)
     prev = json.loads(out_path.read_text()) if out_path.exists() else {}
     label = args.label or Path(args.artifact).stem
     prev[label] = {"artifact": args.artifact, "config": art.meta["config"], "threads": args.threads,
-                   "runs": args.runs, "new_tokens": args.new_tokens, "cpu": os.cpu_count(),
+                   "interleave": args.interleave, "runs": runs, "new_tokens": args.new_tokens, "cpu": os.cpu_count(),
                    "kernel_variant": kernels.variant(), "rows": rows}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(prev, indent=1))
 
-    tab = Table(title=f"Decode ms/token, dynamic vs static ({label}, {args.threads} threads, medians of {args.runs} "
-                      f"rounds; the ratios are medians of per-round ratios)")
+    unit = "decode steps" if args.interleave == "step" else "rounds"
+    tab = Table(title=f"Decode ms/token, dynamic vs static ({label}, {args.threads} threads, medians of {runs} "
+                      f"{unit}; the ratios are medians of per-round ratios, [ratio of means])")
     for c in ("target", "dynamic", "realized bits", "static plan", "uniform l / h", "static matched",
               "dyn vs matched", "dyn vs plan"):
         tab.add_column(c, justify="right")
@@ -157,10 +177,44 @@ def main() -> None:
         tab.add_row(f"{r['target']:g}", f"{m['dynamic']:.1f}", f"{r['realized_bits']['dynamic']:.3f}",
                     f"{m['static-plan']:.1f}" if "static-plan" in m else "-",
                     f"{m[f'uniform-{lo}']:.1f} / {m.get(f'uniform-{hi}', m[f'uniform-{lo}']):.1f}",
-                    f"{r['static_matched_ms']:.1f}", f"{100 * r['dynamic_vs_matched']:+.1f}%",
-                    f"{100 * r['dynamic_vs_static_plan']:+.1f}%" if "dynamic_vs_static_plan" in r else "-")
+                    f"{r['static_matched_ms']:.1f}",
+                    f"{100 * r['dynamic_vs_matched']:+.1f}% [{100 * r['dynamic_vs_matched_mean']:+.1f}%]",
+                    f"{100 * r['dynamic_vs_static_plan']:+.1f}% [{100 * r['dynamic_vs_static_plan_mean']:+.1f}%]"
+                    if "dynamic_vs_static_plan" in r else "-")
     Console().print(tab)
     console.print(f"wrote {out_path}")
+
+
+def step_rounds(model, art, ids, configs, apply, times, bits, n_steps, console) -> None:
+    """One round per position: every configuration runs the same teacher-forced token at the same position
+    (overwriting its KV entry), in a rotating order; the fused step's own time and bits are recorded."""
+    import torch
+
+    fd = model.fast_decode
+    if fd is None:
+        raise SystemExit("--interleave step needs the fused native decode step (kernels on)")
+    wiki = ROOT.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+    text = art.tokenizer.encode(wiki.read_text(encoding="utf-8")[:40000])[:n_steps]
+    if len(text) < n_steps:
+        raise SystemExit(f"only {len(text)} tokens of text for {n_steps} steps")
+    flat = [(t, c, kv) for t, cfg in configs.items() for c, kv in cfg.items()]
+    meter = model.bits_meter
+    with torch.inference_mode():
+        model.setup_cache(1, len(ids) + n_steps + 1)
+        model(torch.tensor([ids]), 0, last_only=True)
+        meter.take()
+        for i, tok in enumerate(text):
+            pos = len(ids) + i
+            x = torch.tensor([[tok]])
+            for j in range(len(flat)):
+                t, c, (kind, val) = flat[(i + j) % len(flat)]
+                apply(kind, val)
+                fd.stats()  # reset the step counters
+                model(x, pos)
+                times[t][c].append(fd.stats()["step_ms"])
+                bits[t][c].append(meter.take())
+            if (i + 1) % 64 == 0:
+                console.print(f"step {i + 1}/{n_steps}")
 
 
 if __name__ == "__main__":

@@ -280,6 +280,10 @@ def test_rules_validate():
         ModuleRule("m", 4, 3, 3.5, 1.0, "linear", max_bits=5)
     with pytest.raises(PolicyError, match="projection matrix"):
         ModuleRule("m", 2, 3, 2.5, 1.0, "pca")
+    with pytest.raises(PolicyError, match="1..1024"):  # more rows than the fused step's estimate takes
+        ModuleRule("m", 2, 3, 2.5, 1.0, "jl", G=torch.zeros(1025, 8))
+    with pytest.raises(BitdialError, match="--proj-dim 2000"):
+        CalibSettings(proj_dim=2000).validate()
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------

@@ -167,16 +167,19 @@ def test_fused_dynamic_matches_module_path(art_path, with_proj):
     rates_mod = dyn.module_rates()
     _close(fused, ref)
     assert rates_fused == pytest.approx(rates_mod, nan_ok=True)
-    if with_proj == "int8":  # every instruction set's int8 estimate decides the same
-        before = BK.variant()
+    if with_proj == "int8":  # every instruction set's int8 estimate decides the same, on 1 thread or 2
+        before, nth = BK.variant(), BK.threads()
         try:
             for v in BK.variants():
-                BK.set_isa(v)
-                dyn.reset_counters()
-                _close(_run(model, prompt, 8, True), ref)
-                assert dyn.module_rates() == pytest.approx(rates_mod, nan_ok=True), v
+                for t in (1, 2):
+                    BK.set_isa(v)
+                    BK.set_threads(t)
+                    dyn.reset_counters()
+                    _close(_run(model, prompt, 8, True), ref)
+                    assert dyn.module_rates() == pytest.approx(rates_mod, nan_ok=True), (v, t)
         finally:
             BK.set_isa(before)
+            BK.set_threads(nth)
     # switching the target off returns to the static widths in the fused step
     dyn.set_target(None)
     _close(_run(model, prompt, 3, True), _run(model, prompt, 3, False))

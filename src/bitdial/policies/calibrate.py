@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdial.errors import BitdialError
-from bitdial.policies.dynamic import (ESTIMATORS, DynamicPolicy, ModuleRule, PolicyError, round_g_int8,
+from bitdial.policies.dynamic import (ESTIMATORS, MAX_PROJ_DIM, DynamicPolicy, ModuleRule, PolicyError, round_g_int8,
                                       save_policies)
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class CalibSettings:
         for k in ("calib_tokens", "window", "proj_dim"):
             if getattr(self, k) < 2:
                 raise BitdialError(f"{k} must be >= 2, got {getattr(self, k)}")
+        if self.proj_dim > MAX_PROJ_DIM:
+            raise BitdialError(f"--proj-dim {self.proj_dim} is above {MAX_PROJ_DIM}, the most the decode step takes")
         if self.loss not in ("ce", "kl"):
             raise BitdialError(f"--loss {self.loss!r}: use ce or kl")
         if self.init not in ("target", "plan"):

@@ -52,6 +52,7 @@ except ImportError:
     _native = None
 
 ESTIMATORS = ("linear", "jl", "pca", "fixed")
+MAX_PROJ_DIM = 1024  # rows of an estimator's G the fused decode step takes (EST_MAXCH * EST_ROWS in decode.c)
 PREFILL_MODES = ("max", "per-token")
 POLICY_KIND = "dynamic"
 SCHEMA_VERSION = 1
@@ -129,6 +130,10 @@ class ModuleRule:
             raise PolicyError(f"{self.name}: a {self.estimator} estimator needs its projection matrix G")
         if self.G is not None:
             self.G = self.G.to(torch.float32).contiguous()
+            rows = self.G.shape[0] if self.G.dim() else 0
+            if not 1 <= rows <= MAX_PROJ_DIM:
+                raise PolicyError(f"{self.name}: the estimator matrix has {rows} rows; the fused decode "
+                                  f"step takes 1..{MAX_PROJ_DIM} (re-run `bitdial calibrate` with a smaller --proj-dim)")
         if not math.isfinite(self.threshold) and self.low != self.high:
             raise PolicyError(f"{self.name}: threshold {self.threshold} is not finite")
 

@@ -270,8 +270,95 @@ __attribute__((unused)) static size_t act_bytes(int64_t K) {
     return Kp + 2 * rup(nu_pad * 4, 64) + rup(nu_pad * 4, 64) + Kp + rup(nu_pad * 16 * 4, 64) + 256;
 }
 
-/* The width of slot i for input x (|x| = nx): static, or the dynamic rule's decision (32: dense fp32). */
-static int pick_bits(bd_decoder *d, int i, const float *x, double nx) {
+/* ---- the dynamic estimate ||G x|| --------------------------------------------------------------- */
+
+/* G [k, K] of a slot is read in chunks of EST_ROWS rows, each chunk's sum of squares (acc_t^2) kept apart
+ * and the chunks added in order, so the estimate is the same whether one thread or several compute it. G
+ * arrives cold from DRAM (the weight streams evicted it) in short streams, so the step is bound by the
+ * latency of the misses, not by bytes: two threads reading different chunks at once take about half the
+ * time of one. Within a chunk, rows are read one at a time, in order (8 rows interleaved, to hide the FMA
+ * latency, ran 1.7x slower cold). */
+#define EST_ROWS 16
+#define EST_MAXCH 64 /* chunks per slot: k <= 1024 rows */
+
+typedef struct {
+    const bd_decoder *d;
+    const float *x;
+    int n;                     /* slots with a projection */
+    int slot[MAXM];
+    int64_t first[MAXM + 1];   /* chunk index where slot m starts */
+    double part[MAXM * EST_MAXCH];
+    _Atomic int64_t next;
+} est_job;
+
+static int64_t est_chunks(int64_t k) { return (k + EST_ROWS - 1) / EST_ROWS; }
+
+/* Sum of (G_t . x)^2 over rows t0..t1-1 of slot i's G. int8: k rows of K codes, then k fp32 row scales
+ * (powers of two). */
+static double est_rows(const bd_decoder *d, int i, const float *x, int64_t t0, int64_t t1) {
+    const void *G = (const void *)(uintptr_t)d->gptr[3 * i];
+    const int64_t k = d->gptr[3 * i + 1], fmt = d->gptr[3 * i + 2], K = d->lin[i].K;
+    const float *sc = fmt == BD_G_INT8 ? (const float *)((const int8_t *)G + bd_g_int8_scales_offset(k, K)) : NULL;
+    double g2 = 0.0;
+    for (int64_t t = t0; t < t1; t++) {
+        const double acc = fmt == BD_G_INT8   ? (double)(doti8((const int8_t *)G + t * K, x, K) * sc[t])
+                           : fmt == BD_G_FP16 ? doth((const uint16_t *)G + t * K, x, K)
+                                              : dotf((const float *)G + t * K, x, K);
+        g2 += acc * acc;
+    }
+    return g2;
+}
+
+static void est_task(void *ctx, int tid, int nth) {
+    (void)tid; (void)nth;
+    est_job *j = ctx;
+    for (;;) {
+        const int64_t c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (c >= j->first[j->n]) break;
+        int m = 0;
+        while (c >= j->first[m + 1]) m++;
+        const int i = j->slot[m];
+        const int64_t k = j->d->gptr[3 * i + 1], t0 = (c - j->first[m]) * EST_ROWS;
+        j->part[m * EST_MAXCH + (c - j->first[m])] = est_rows(j->d, i, j->x, t0, t0 + EST_ROWS < k ? t0 + EST_ROWS : k);
+    }
+}
+
+/* ||G x||^2 of each of the n slots (0 for a slot without a projection or with its rule off), the chunks
+ * spread over the pool. */
+static void estimates(bd_decoder *d, const int *slots, int n, const float *x, double *g2) {
+    est_job j;
+    j.d = d;
+    j.x = x;
+    j.n = 0;
+    j.first[0] = 0;
+    int which[MAXM];
+    for (int m = 0; m < n; m++) {
+        const int i = slots[m];
+        g2[m] = 0.0;
+        which[m] = -1;
+        const double *r = d->rules + (size_t)i * BD_RULE_COLS;
+        if (d->lin[i].B == 0 || r[BD_RULE_ON] == 0.0 || r[BD_RULE_LOW] == r[BD_RULE_HIGH] || !d->gptr[3 * i]) continue;
+        which[m] = j.n;
+        j.slot[j.n] = i;
+        j.first[j.n + 1] = j.first[j.n] + est_chunks(d->gptr[3 * i + 1]);
+        j.n++;
+    }
+    if (!j.n) return;
+    atomic_init(&j.next, 0);
+    if (j.first[j.n] > 1 && bd_pool_threads() > 1) bd_pool_run(est_task, &j);
+    else est_task(&j, 0, 1);
+    for (int m = 0; m < n; m++) {
+        if (which[m] < 0) continue;
+        const int64_t nc = j.first[which[m] + 1] - j.first[which[m]];
+        double s = 0.0;
+        for (int64_t c = 0; c < nc; c++) s += j.part[which[m] * EST_MAXCH + c];
+        g2[m] = s;
+    }
+}
+
+/* The width of slot i for an input of norm nx whose projection has ||G x||^2 = g2: static, or the dynamic
+ * rule's decision (32: dense fp32). */
+static int pick_bits(bd_decoder *d, int i, double nx, double g2) {
     if (d->lin[i].B == 0) return 32;
     const double *r = d->rules + (size_t)i * BD_RULE_COLS;
     if (r[BD_RULE_ON] == 0.0) return d->bits[i];
@@ -280,27 +367,8 @@ static int pick_bits(bd_decoder *d, int i, const float *x, double nx) {
         d->n_high[i]++;
         return hi;
     }
-    double e;
-    const void *G = (const void *)(uintptr_t)d->gptr[3 * i];
-    const int64_t k = d->gptr[3 * i + 1];
-    if (!G) {
-        e = r[BD_RULE_A] * nx + r[BD_RULE_B];
-    } else {
-        const int64_t K = d->lin[i].K;
-        const int64_t fmt = d->gptr[3 * i + 2];
-        double g2 = 0.0;
-        /* int8: k rows of K codes, then k fp32 row scales (powers of two). One row at a time: G arrives cold
-           from DRAM (the weight streams evicted it), and rows read in order stream best (8 rows interleaved,
-           to hide the FMA latency, ran 1.7x slower cold). */
-        const float *sc = fmt == BD_G_INT8 ? (const float *)((const int8_t *)G + bd_g_int8_scales_offset(k, K)) : NULL;
-        for (int64_t t = 0; t < k; t++) {
-            const double acc = fmt == BD_G_INT8   ? (double)(doti8((const int8_t *)G + t * K, x, K) * sc[t])
-                               : fmt == BD_G_FP16 ? doth((const uint16_t *)G + t * K, x, K)
-                                                  : dotf((const float *)G + t * K, x, K);
-            g2 += acc * acc;
-        }
-        e = r[BD_RULE_A] * sqrt(g2) + r[BD_RULE_C] * nx + r[BD_RULE_B];
-    }
+    const double e = d->gptr[3 * i] ? r[BD_RULE_A] * sqrt(g2) + r[BD_RULE_C] * nx + r[BD_RULE_B]
+                                    : r[BD_RULE_A] * nx + r[BD_RULE_B];
     if (e > r[BD_RULE_THRESHOLD]) {
         d->n_high[i]++;
         return hi;
@@ -317,20 +385,19 @@ static void run_linears(bd_decoder *d, int part, const int *slots, float *const 
     j.n = n;
     j.isa = d->isa;
     atomic_init(&j.next, 0);
-    double nx = -1.0;
+    double nx = 0.0, g2[MAXM];
+    int dynamic = 0;
+    for (int m = 0; m < n; m++) dynamic |= d->rules[(size_t)slots[m] * BD_RULE_COLS + BD_RULE_ON] != 0.0;
+    if (dynamic) { /* the dynamic estimates: timed on their own */
+        const int64_t te = now_ns();
+        nx = norm2(x, d->lin[slots[0]].K);
+        estimates(d, slots, n, x, g2);
+        t_est += now_ns() - te;
+    }
     int64_t bytes = 0;
     for (int m = 0; m < n; m++) {
         const int i = slots[m];
-        const double *r = d->rules + (size_t)i * BD_RULE_COLS;
-        int k;
-        if (r[BD_RULE_ON] != 0.0) { /* the dynamic estimate: timed on its own */
-            const int64_t te = now_ns();
-            if (nx < 0.0) nx = norm2(x, d->lin[i].K);
-            k = pick_bits(d, i, x, nx);
-            t_est += now_ns() - te;
-        } else {
-            k = pick_bits(d, i, x, nx);
-        }
+        const int k = pick_bits(d, i, nx, dynamic ? g2[m] : 0.0);
         d->chosen[i] = (uint8_t)k;
         if (i < d->n_dec) d->wb += (double)d->lin[i].N * (double)d->lin[i].K * k;
         bd_gemv *a = &j.g[m];
