@@ -8,7 +8,7 @@ import torch
 import bitdial.kernels as BK
 from bitdial.artifact import QuantSettings, write_artifact
 from bitdial.loading import LoadedModel
-from bitdial.policies.dynamic import DynamicPolicy, DynamicRuntime, ModuleRule, round_g_int8
+from bitdial.policies.dynamic import DynamicPolicy, DynamicRuntime, ModuleRule, PolicyError, round_g_int8
 from bitdial.runtime.anyprec import build_model, set_bits
 from conftest import make_tiny
 
@@ -184,6 +184,16 @@ def test_fused_dynamic_matches_module_path(art_path, with_proj):
     dyn.set_target(None)
     _close(_run(model, prompt, 3, True), _run(model, prompt, 3, False))
     assert set(model.fast_decode.last_bits()[n] for n in dyn.lin) == {4}
+
+
+def test_fused_rejects_an_oversized_estimator(art_path):
+    model = build_model(art_path, 4)
+    pol = _policy(model, 3.0, "int8")
+    r = next(r for r in pol.rules.values() if r.G is not None)
+    r.G = torch.zeros(1025, r.G.shape[1])  # past the rule's own check: the step must not take it
+    DynamicRuntime(model, {3.0: pol})
+    with pytest.raises(PolicyError, match="1025 rows"):
+        _run(model, [1, 2, 3], 2, True)
 
 
 def test_fused_cache_reallocation(art_path):

@@ -176,6 +176,8 @@ class FusedDecoder:
         key = (id(dyn), dyn.target)
         got = self._rule_cache.get(key)
         if got is None:
+            from bitdial.policies.dynamic import MAX_PROJ_DIM, PolicyError
+
             pol = dyn.policies[dyn.target]
             rules = torch.zeros(self.n_slots, RULE_COLS, dtype=torch.float64)
             gptr = torch.zeros(self.n_slots, 3, dtype=torch.int64)
@@ -190,6 +192,9 @@ class FusedDecoder:
                     a = b = c = 0.0
                 else:
                     a, c, b = r.coef
+                    if not 1 <= r.G.shape[0] <= MAX_PROJ_DIM:  # decode.c sizes its chunk sums for this
+                        raise PolicyError(f"{mod.name}: an estimator of {r.G.shape[0]} rows; the fused step takes "
+                                          f"1..{MAX_PROJ_DIM}")
                     G, fmt = _estimator_matrix(r.G)
                     keep.append(G)
                     gptr[i, 0], gptr[i, 1], gptr[i, 2] = G.data_ptr(), r.G.shape[0], fmt
