@@ -317,6 +317,22 @@ def test_corrupt_device_files_are_rejected(tmp_path):
         load_device("no-such-device")
 
 
+def test_step_table_keeps_tiny_costs_positive(tiny_path):
+    """A tiny model's in-step deltas and isolated fit are lost in the noise (both 0): every module still
+    costs more than nothing, more at more bits, and no cost is rounded away."""
+    from bitdial.planning.device import _step_table, shape_key
+
+    lin = build_model(open_artifact(tiny_path)).linears()
+    groups: dict[str, list[str]] = {}
+    for n, m in lin.items():
+        groups.setdefault(shape_key(m.qt.shape), []).append(n)
+    designed = [(key, 2) for key in groups]
+    st = _step_table(lin, groups, 8, 1.0, designed, [1.0] * len(designed), {"ms_per_mb": 0.0}, bw_gbs=30.0)
+    for key, row in st["table"].items():
+        bytes2, bytes8 = (lin[groups[key][0]].qt.bytes_read(b) / 1e6 for b in (2, 8))
+        assert row["2"] == pytest.approx(0.1 / 30.0 * bytes2, rel=1e-5) and 0 < row["2"] < row["8"]
+
+
 def test_device_profile_measures_this_machine(tiny_path):
     from bitdial.planning.device import DeviceModel, ModuleSpec, profile_device
 

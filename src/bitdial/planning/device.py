@@ -480,8 +480,14 @@ def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
     return list(x / scale)
 
 
+def _sig(v: float, digits: int = 6) -> float:
+    """v to ``digits`` significant digits (a fixed number of decimals would round a tiny module's cost to 0)."""
+    return float(f"{v:.{digits}g}")
+
+
 def _step_table(lin: dict, groups: dict[str, list[str]], base_b: int, t_base: float | None,
-                designed: list[tuple[str, int]], times: list[float], lin_fit: dict) -> dict[str, Any] | None:
+                designed: list[tuple[str, int]], times: list[float], lin_fit: dict,
+                bw_gbs: float = 0.0) -> dict[str, Any] | None:
     """The ``step`` latency form (module docstring) from the base step time and the designed steps."""
     if t_base is None or not designed:
         return None
@@ -499,9 +505,12 @@ def _step_table(lin: dict, groups: dict[str, list[str]], base_b: int, t_base: fl
         den = sum(v * v for v in d_bytes.values())
         ms_per_mb = sum(delta[b] * d_bytes[b] for b in delta) / den if den > 0 else 0.0
         # a group too small to time (its Δ lost in the step's noise) gets a tenth of the isolated fit's cost per
-        # MB at least: the in-step cost was 0.3-0.6x the isolated one on the default model, never near 0
-        ms_per_mb = max(ms_per_mb, 0.1 * float(lin_fit["ms_per_mb"]), 1e-9)
-        table[key] = {str(b): round(ms_per_mb * qt.bytes_read(b) / 1e6, 9) for b in sorted(delta)}
+        # MB at least: the in-step cost was 0.3-0.6x the isolated one on the default model, never near 0. Where
+        # that fit is lost in the noise too (tiny models), a tenth of the DRAM cost (1 / bandwidth, GB/s =
+        # MB/ms): reading the bytes from cache is not ten times faster than that.
+        floor = 0.1 / bw_gbs if bw_gbs > 0 else 1e-6
+        ms_per_mb = max(ms_per_mb, 0.1 * float(lin_fit["ms_per_mb"]), floor)
+        table[key] = {str(b): _sig(ms_per_mb * qt.bytes_read(b) / 1e6) for b in sorted(delta)}
         per_module += len(names) * table[key][str(base_b)]
     return {"base_bits": base_b, "table": table, "c0_ms": round(t_base - per_module, 6)}
 
@@ -616,7 +625,7 @@ def profile_device(art=None, *, config=None, bits: list[int] | None = None, pref
                                rounds=rounds, on_done=lambda i: tick("decode steps"))
         uniform = {b: (assigns[b], times[i]) for i, b in enumerate(bits)}
         step_fit = _step_table(lin, groups, base_b, uniform[base_b][1] if base_b in uniform else None,
-                               designed, times[len(bits) + len(plans):], lin_fit)
+                               designed, times[len(bits) + len(plans):], lin_fit, bw)
         if read_energy:
             for b in bits:
                 _set_all(model, assigns[b])
