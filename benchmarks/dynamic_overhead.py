@@ -46,6 +46,7 @@ from bitdial.runtime.engine import set_threads
 from bitdial.runtime.generate import SamplingParams, generate
 
 ROOT = Path(__file__).resolve().parent
+DATA = ROOT.parent.parent / "shared" / "data"
 PROMPT = ("The history of the city begins in the first century, when a small settlement grew on the banks of the "
           "river. Over the next centuries it became")
 
@@ -124,7 +125,6 @@ def main() -> None:
                     times[t][c].append(ms)
                     bits[t][c].append(b)
             console.print(f"round {i + 1}/{args.runs} done")
-    runs = len(next(iter(next(iter(times.values())).values())))
 
     rows = []
     for t, cfg in configs.items():
@@ -142,15 +142,15 @@ def main() -> None:
 
         # the configurations of one round run back to back, so the ratio of one round is measured on one
         # machine state: on a noisy host the median of per-round ratios is the robust figure
-        r_matched = [T["dynamic"][i] / matched_at(i) - 1 for i in range(runs)]
-        matched = [matched_at(i) for i in range(runs)]
+        matched = [matched_at(i) for i in range(args.runs)]
+        r_matched = [d / m - 1 for d, m in zip(T["dynamic"], matched)]
         row = {"target": tf, "ms_per_token": med, "realized_bits": rb, "runs": times[t],
                "static_matched_ms": statistics.median(matched),
                "dynamic_vs_matched": statistics.median(r_matched), "dynamic_vs_matched_rounds": r_matched,
                # ratio of the means: what tokens/s over the whole text would show
                "dynamic_vs_matched_mean": statistics.fmean(T["dynamic"]) / statistics.fmean(matched) - 1}
         if "static-plan" in med:
-            r_plan = [T["dynamic"][i] / T["static-plan"][i] - 1 for i in range(runs)]
+            r_plan = [d / p - 1 for d, p in zip(T["dynamic"], T["static-plan"])]
             row["dynamic_vs_static_plan"] = statistics.median(r_plan)
             row["dynamic_vs_static_plan_rounds"] = r_plan
             row["dynamic_vs_static_plan_mean"] = statistics.fmean(T["dynamic"]) / statistics.fmean(T["static-plan"]) - 1
@@ -160,13 +160,13 @@ def main() -> None:
     prev = json.loads(out_path.read_text()) if out_path.exists() else {}
     label = args.label or Path(args.artifact).stem
     prev[label] = {"artifact": args.artifact, "config": art.meta["config"], "threads": args.threads,
-                   "interleave": args.interleave, "runs": runs, "new_tokens": args.new_tokens, "cpu": os.cpu_count(),
+                   "interleave": args.interleave, "runs": args.runs, "new_tokens": args.new_tokens, "cpu": os.cpu_count(),
                    "kernel_variant": kernels.variant(), "rows": rows}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(prev, indent=1))
 
     unit = "decode steps" if args.interleave == "step" else "rounds"
-    tab = Table(title=f"Decode ms/token, dynamic vs static ({label}, {args.threads} threads, medians of {runs} "
+    tab = Table(title=f"Decode ms/token, dynamic vs static ({label}, {args.threads} threads, medians of {args.runs} "
                       f"{unit}; the ratios are medians of per-round ratios, [ratio of means])")
     for c in ("target", "dynamic", "realized bits", "static plan", "uniform l / h", "static matched",
               "dyn vs matched", "dyn vs plan"):
@@ -193,7 +193,7 @@ def step_rounds(model, art, ids, configs, apply, times, bits, n_steps, console) 
     fd = model.fast_decode
     if fd is None:
         raise SystemExit("--interleave step needs the fused native decode step (kernels on)")
-    wiki = ROOT.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+    wiki = DATA / "wikitext-2-raw" / "wiki.valid.raw"
     text = art.tokenizer.encode(wiki.read_text(encoding="utf-8")[:40000])[:n_steps]
     if len(text) < n_steps:
         raise SystemExit(f"only {len(text)} tokens of text for {n_steps} steps")

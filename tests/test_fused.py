@@ -136,7 +136,8 @@ def _policy(model, target, with_proj: bool | str) -> DynamicPolicy:
             continue
         lo, hi = (3, 4) if n.endswith(("o_proj", "down_proj")) else (2, 4)
         if with_proj and n.endswith(("q_proj", "gate_proj")):
-            G = torch.randn(13 if with_proj == "int8" else 8, m.in_features, generator=g)
+            # int8: 21 rows, two chunks of the fused estimate (16 + 5), so 2 threads share a module's rows
+            G = torch.randn(21 if with_proj == "int8" else 8, m.in_features, generator=g)
             if with_proj == "fp16":  # fp16-exact values (older calibrations): the step reads a half copy
                 G = G.half().float()
             elif with_proj == "int8":  # the int8 estimator format calibrate stores: int8 codes + row scales

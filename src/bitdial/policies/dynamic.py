@@ -95,6 +95,14 @@ def g_int8_parts(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return q.to(torch.int8).contiguous(), sc.flatten().contiguous()
 
 
+def check_proj_rows(name: str, G: torch.Tensor) -> None:
+    """The rows of an estimator matrix G are 1..MAX_PROJ_DIM, what the fused decode step takes."""
+    rows = G.shape[0] if G.dim() else 0
+    if not 1 <= rows <= MAX_PROJ_DIM:
+        raise PolicyError(f"{name}: the estimator matrix has {rows} rows; the fused decode step takes "
+                          f"1..{MAX_PROJ_DIM} (re-run `bitdial calibrate` with a smaller --proj-dim)")
+
+
 def policy_name(target: float) -> str:
     """The stored name of the policy for ``target`` bits: ``dyn-3``, ``dyn-2.75``."""
     return f"dyn-{float(target):g}"
@@ -130,10 +138,7 @@ class ModuleRule:
             raise PolicyError(f"{self.name}: a {self.estimator} estimator needs its projection matrix G")
         if self.G is not None:
             self.G = self.G.to(torch.float32).contiguous()
-            rows = self.G.shape[0] if self.G.dim() else 0
-            if not 1 <= rows <= MAX_PROJ_DIM:
-                raise PolicyError(f"{self.name}: the estimator matrix has {rows} rows; the fused decode "
-                                  f"step takes 1..{MAX_PROJ_DIM} (re-run `bitdial calibrate` with a smaller --proj-dim)")
+            check_proj_rows(self.name, self.G)
         if not math.isfinite(self.threshold) and self.low != self.high:
             raise PolicyError(f"{self.name}: threshold {self.threshold} is not finite")
 

@@ -176,7 +176,7 @@ class FusedDecoder:
         key = (id(dyn), dyn.target)
         got = self._rule_cache.get(key)
         if got is None:
-            from bitdial.policies.dynamic import MAX_PROJ_DIM, PolicyError
+            from bitdial.policies.dynamic import check_proj_rows
 
             pol = dyn.policies[dyn.target]
             rules = torch.zeros(self.n_slots, RULE_COLS, dtype=torch.float64)
@@ -192,9 +192,7 @@ class FusedDecoder:
                     a = b = c = 0.0
                 else:
                     a, c, b = r.coef
-                    if not 1 <= r.G.shape[0] <= MAX_PROJ_DIM:  # decode.c sizes its chunk sums for this
-                        raise PolicyError(f"{mod.name}: an estimator of {r.G.shape[0]} rows; the fused step takes "
-                                          f"1..{MAX_PROJ_DIM}")
+                    check_proj_rows(mod.name, r.G)  # again: G may have been replaced; decode.c sizes its sums by it
                     G, fmt = _estimator_matrix(r.G)
                     keep.append(G)
                     gptr[i, 0], gptr[i, 1], gptr[i, 2] = G.data_ptr(), r.G.shape[0], fmt
