@@ -86,6 +86,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bitdial  # noqa: F401  (before torch: sets its OpenMP wait policy, docs/kernels.md "Threads")
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -344,7 +345,7 @@ def load_prompts(path: Path, tokenizer, max_tokens: int, ctx: int, limit: int) -
 
 
 # ---------------------------------------------------------------------------------------------- runs
-COLS = ("t", "req", "step", "ms", "target", "bits", "comp", "cpu", "other", "prior", "temp", "batt", "hook_ms")
+COLS = ("t", "req", "step", "ms", "target", "bits", "head", "comp", "cpu", "other", "prior", "temp", "batt", "hook_ms")
 
 
 class Run:
@@ -376,7 +377,7 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
     tel, replays = make_telemetry(traces, args.telemetry_interval)
     control = None
     if policy in ADAPTIVE:
-        cfg = ControlConfig(threads=args.threads, seed=args.seed)
+        cfg = ControlConfig(threads=args.threads, seed=args.seed, adapt_threads=args.adapt_threads)
         control = ControlAdapter(Controller(backend.targets, latency_ms, config=cfg,
                                             thread_latency_ms=thread_latency_ms), tel, RequestConstraints)
     sched = Scheduler(competitor, intervals)
@@ -413,6 +414,7 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
                 h0 = time.perf_counter()
                 e = time.monotonic() - t0
                 ran_at = session.current
+                head_width = eng.head_width
                 st = tel.read()
                 session.step_hook(info)
                 if session.current != ran_at:
@@ -424,6 +426,7 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
                 c["ms"].append(round(info.seconds * 1e3, 3))
                 c["target"].append(ran_at)
                 c["bits"].append(round(info.bits, 4) if info.bits == info.bits else None)
+                c["head"].append(head_width)  # the output head's width in this step (--head-bits)
                 c["comp"].append(int(sched.on))
                 c["cpu"].append(None if st.cpu_util is None else round(st.cpu_util, 3))
                 oc = st.other_cpu_cores
@@ -489,6 +492,7 @@ def summarize(run: Run, max_ms: float | None) -> dict[str, Any]:
             d["within"] = sum(m <= max_ms for m in ms) / len(ms) if max_ms else None
             d["realized_bits"] = _mean([c["bits"][k] for k in ks])
             d["mean_target"] = _mean([c["target"][k] for k in ks])
+            d["head_bits"] = _mean([c["head"][k] for k in ks])
             d["ms_p50"], d["ms_p95"], d["ms_p99"] = _q(ms, 0.5), _q(ms, 0.95), _q(ms, 0.99)
             d["tokens_per_s"] = 1e3 / statistics.fmean(ms)
         out[g] = d
@@ -686,6 +690,11 @@ def main() -> None:
     ap.add_argument("--telemetry-interval", type=float, default=0.5, help="seconds between real telemetry reads")
     ap.add_argument("--min-bits", type=float, default=None, help="the controller requests' min_bits")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--adapt-threads", action=argparse.BooleanOptionalAction, default=True,
+                    help="let the adaptive policies leave busy cores alone (fewer threads; default on)")
+    ap.add_argument("--head-bits", default=None,
+                    help="output head width per target, e.g. 2=4,2.5=5 (as `bitdial serve --head-bits`; every "
+                         "policy runs the same targets, so a fixed target gets its head width too)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
                     help="JSONL (MT-Bench, AlpacaEval, prompt/text) or a text file with one prompt per line")
@@ -729,7 +738,7 @@ def main() -> None:
     traces = [tr for tr in (load_trace(args.thermal_trace, "thermal", args.duration),
                             load_trace(args.battery_trace, "battery", args.duration)) if tr]
 
-    eng = Engine.load(args.artifact, threads=args.threads, dynamic=stored[-1])
+    eng = Engine.load(args.artifact, threads=args.threads, dynamic=stored[-1], head_bits=args.head_bits)
     kernel_threads(args.threads)
     backend = backend_for(eng)
     if backend.kind != "dynamic":
@@ -946,7 +955,7 @@ def print_table(s: dict[str, dict], result: dict) -> None:
     tab = Table(title=f"Latency target {max_ms:.2f} ms/token; competitor {result['competitor']['schedule']} "
                       f"({result['competitor']['kind']} on core {result['competitor']['core']})")
     for col in ("policy", "tokens", "within all", "within on", "within off", "bits all", "bits on", "bits off",
-                "p95 ms on", "p95 ms off", "prefill ms on", "prefill ms off", "switches", "tok/s"):
+                "head bits", "p95 ms on", "p95 ms off", "prefill ms on", "prefill ms off", "switches", "tok/s"):
         tab.add_column(col, justify="right")
 
     def pct(x):
@@ -962,7 +971,7 @@ def print_table(s: dict[str, dict], result: dict) -> None:
         tab.add_row(label, str(d["tokens"]), pct(d["all"].get("within")), pct(d["on"].get("within")),
                     pct(d["off"].get("within")), num(d["all"].get("realized_bits"), "{:.3f}"),
                     num(d["on"].get("realized_bits"), "{:.3f}"), num(d["off"].get("realized_bits"), "{:.3f}"),
-                    num(d["on"].get("ms_p95")), num(d["off"].get("ms_p95")), num(d["on"].get("prefill_ms_p50"), "{:.0f}"),
+                    num(d["all"].get("head_bits"), "{:.2f}"), num(d["on"].get("ms_p95")), num(d["off"].get("ms_p95")), num(d["on"].get("prefill_ms_p50"), "{:.0f}"),
                     num(d["off"].get("prefill_ms_p50"), "{:.0f}"), str(d["target_switches"]),
                     num(d["all"].get("tokens_per_s"), "{:.1f}"))
     out = Console(width=None if sys.stdout.isatty() else 150, soft_wrap=True)  # not 80 columns in a pipe

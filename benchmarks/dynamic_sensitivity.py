@@ -22,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+import bitdial  # noqa: F401  (before torch: sets its OpenMP wait policy, docs/kernels.md "Threads")
 import torch
 import torch.nn.functional as F
 from rich.console import Console

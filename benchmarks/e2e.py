@@ -26,6 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
+import bitdial  # noqa: F401  (before torch: sets its OpenMP wait policy, docs/kernels.md "Threads")
 import torch
 from rich.console import Console
 from rich.table import Table

@@ -32,6 +32,7 @@ import json
 import time
 from pathlib import Path
 
+import bitdial  # noqa: F401  (before torch: sets its OpenMP wait policy, docs/kernels.md "Threads")
 import torch
 from rich.console import Console
 from rich.table import Table

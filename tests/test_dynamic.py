@@ -257,6 +257,44 @@ def test_target_switching_and_prefill_modes(dyn_path, smol):
     assert model.dynamic.target is None
 
 
+def test_head_bits_follow_the_target(dyn_path, smol):
+    """--head-bits: the output head's width per target, applied on every switch; the fused step runs it
+    (its logits equal a model built with that head width); bad maps name the problem."""
+    from bitdial.runtime.engine import parse_head_bits
+
+    assert parse_head_bits("2.5=4, 3.5=6") == {2.5: 4, 3.5: 6}
+    assert parse_head_bits("5") == {None: 5} and parse_head_bits("2.5=4,default=6") == {2.5: 4, None: 6}
+    eng = Engine.load(dyn_path, dynamic=3.5, head_bits="2.5=3")
+    hmax = eng.model.lm_head.max_bits
+    assert eng.head_width == hmax  # 3.5 not listed: as loaded
+    ids = smol.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    params = SamplingParams(max_tokens=12)
+    wide = generate(eng.model, eng.tokenizer, ids, params)
+    eng.set_target(2.5)
+    assert eng.head_width == 3
+    narrow = generate(eng.model, eng.tokenizer, ids, params)
+    eng.set_target(3.5)
+    assert eng.head_width == hmax
+    assert generate(eng.model, eng.tokenizer, ids, params).token_ids == wide.token_ids
+    # the head width reaches the logits: 3 bits against the stored maximum on the same input
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        full = eng.model(x, 0)[0, -1]
+        eng.model.lm_head.bits = 3
+        low = eng.model(x, 0)[0, -1]
+    assert not torch.allclose(full, low)
+    assert narrow.decode_steps > 0
+    eng.set_head_bits(None)  # off: the loaded width again at the next switch
+    eng.set_target(2.5)
+    assert eng.head_width == hmax
+    with pytest.raises(BitdialError, match="stores 1..8 bits"):
+        eng.set_head_bits("2.5=9")
+    with pytest.raises(BitdialError, match="no dynamic policy for target"):
+        eng.set_head_bits("3=4")
+    with pytest.raises(BitdialError, match="TARGET=BITS"):
+        eng.set_head_bits("2.5=four")
+
+
 def test_online_tracking_restores_the_intended_rate(dyn_path):
     lin = _module(dyn_path)
     X = _inputs(lin.in_features, 3000, seed=5)

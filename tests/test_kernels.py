@@ -366,3 +366,23 @@ def test_plane_stride_below_the_planes_is_refused() -> None:
     with pytest.raises(ValueError, match="plane stride"):
         BK._native.gemv(qt.planes.data_ptr(), qt.scales.data_ptr(), qt.offsets.data_ptr(), x.data_ptr(),
                         y.data_ptr(), 8, 64, 32, 8, 3, 1, -1, 8 * 8 - 1)
+
+
+def test_import_sets_a_passive_omp_wait_policy():
+    """`import bitdial` before torch makes torch's OpenMP threads sleep at once (docs/kernels.md, Threads);
+    a policy the user set is kept, and importing torch first leaves the environment alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, {first}, {second}; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+    def policy(first: str, second: str, **extra: str) -> str:
+        out = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], env={**env, **extra},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert policy("bitdial", "torch") == "PASSIVE"
+    assert policy("bitdial", "torch", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert policy("torch", "bitdial") == "None"

@@ -1,0 +1,14 @@
+"""bitdial: any-precision LLM inference on CPUs (one bitplane artifact, every width from 2 to 8 bits)."""
+
+import os as _os
+import sys as _sys
+
+# torch's OpenMP runtime (GNU libgomp in the CPU wheels) reads its wait policy once, when it loads. Its
+# default spins after every parallel region, which on a small CPU fights the native kernels' own thread
+# pool (prefill alternates native tile rebuilds and torch GEMMs) and, when another process holds a core,
+# makes every region wait out a scheduler slice: a prompt took 2.3x longer under a one-core competitor
+# (benchmarks/adaptive_control.py). PASSIVE sleeps at once; prefill measured faster with it, idle too
+# (docs/kernels.md, "Threads"). Only a default: an OMP_WAIT_POLICY the user set wins, and nothing changes
+# if torch was imported before bitdial.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -76,20 +76,25 @@ EVAL_PREFILL_HELP = ("With --dynamic: per-token (default for evaluation: every s
                      "or max.")
 
 
+HEAD_BITS_HELP = ("Output head width of a .bitdial artifact: BITS for every target, or TARGET=BITS,... per dynamic "
+                  "target (e.g. 2=4,2.5=5; default: the stored maximum). The head is read in full every step.")
+
+
 def _load_engine(model: str, threads: Optional[int], bits: Optional[int] = None, bits_map: Optional[Path] = None,
-                 plan: Optional[str] = None, dynamic: Optional[float] = None, prefill: str = "max"):
+                 plan: Optional[str] = None, dynamic: Optional[float] = None, prefill: str = "max",
+                 head_bits: Optional[str] = None):
     from bitdial.runtime.engine import Engine, read_bits_map
 
     if sum(x is not None for x in (bits, bits_map, plan, dynamic)) > 1:
         raise BitdialError("give one of --bits, --bits-map, --plan or --dynamic")
     if dynamic is not None:
-        return Engine.load(model, threads=threads, dynamic=dynamic, prefill=prefill)
+        return Engine.load(model, threads=threads, dynamic=dynamic, prefill=prefill, head_bits=head_bits)
     b = read_bits_map(bits_map) if bits_map is not None else bits
     if plan is not None:
         from bitdial.planning.planner import plan_bits
 
         b = plan_bits(model, plan)
-    return Engine.load(model, threads=threads, bits=b)
+    return Engine.load(model, threads=threads, bits=b, head_bits=head_bits)
 
 
 # ------------------------------------------------------------------------------------------- info
@@ -243,6 +248,7 @@ def generate(
     plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
     dynamic: Optional[float] = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
     prefill: str = typer.Option("max", "--prefill", help=PREFILL_HELP),
+    head_bits: Optional[str] = typer.Option(None, "--head-bits", help=HEAD_BITS_HELP),
     system: Optional[str] = typer.Option(None, "--system", help="System message (chat template only)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
@@ -252,7 +258,7 @@ def generate(
     from bitdial.runtime.generate import GenerationResult, SamplingParams, stream_generate
 
     try:
-        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill)
+        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill, head_bits)
         tok = eng.tokenizer
         if raw or not tok.chat_template:
             ids = tok.encode(prompt)
@@ -366,6 +372,7 @@ def chat(
     plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
     dynamic: Optional[float] = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
     prefill: str = typer.Option("max", "--prefill", help=PREFILL_HELP),
+    head_bits: Optional[str] = typer.Option(None, "--head-bits", help=HEAD_BITS_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print each reply as one JSON line."),
@@ -374,7 +381,7 @@ def chat(
     from bitdial.runtime.generate import GenerationResult, SamplingParams, stream_generate
 
     try:
-        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill)
+        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill, head_bits)
     except BitdialError as e:
         _fail(e)
     tok = eng.tokenizer
@@ -460,6 +467,7 @@ def eval_ppl(
     plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
     dynamic: Optional[float] = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
     prefill: str = typer.Option("per-token", "--prefill", help=EVAL_PREFILL_HELP),
+    head_bits: Optional[str] = typer.Option(None, "--head-bits", help=HEAD_BITS_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -470,7 +478,7 @@ def eval_ppl(
 
     _seed(seed)
     try:
-        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill)
+        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill, head_bits)
         ids = _read_text_ids(eng.tokenizer, text)
         fn = MeteredLogits(eng.model, model_logits_fn(eng.model))
         res = perplexity(fn, ids, ctx=ctx, stride=stride, max_windows=max_windows,
@@ -514,6 +522,7 @@ def eval_kld(
     plan: Optional[str] = typer.Option(None, "--plan", help=PLAN_HELP),
     dynamic: Optional[float] = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
     prefill: str = typer.Option("per-token", "--prefill", help=EVAL_PREFILL_HELP),
+    head_bits: Optional[str] = typer.Option(None, "--head-bits", help=HEAD_BITS_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -533,7 +542,7 @@ def eval_kld(
             identity=_identity(ref, None, None), score_second_half=score_second_half,
             tail_samples=tail_samples, cache_dir=cache_dir, progress=not json_out)
         del ref_eng
-        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill)
+        eng = _load_engine(model, threads, bits, bits_map, plan, dynamic, prefill, head_bits)
         if _read_text_ids(eng.tokenizer, text) != ids:
             raise BitdialError("the candidate's tokenizer splits the text differently from the reference's: "
                                "KL divergence needs models that share a tokenizer")

@@ -36,17 +36,17 @@ def _is_loopback(host: str) -> bool:
 
 
 def _load(m, model: str, threads: Optional[int], bits: Optional[int], bits_map: Optional[Path],
-          plan: Optional[str], dynamic: Optional[float]):
+          plan: Optional[str], dynamic: Optional[float], head_bits: Optional[str] = None):
     """Load the engine: static widths through the shared CLI loader, or every dynamic policy for --dynamic."""
     if dynamic is None:
-        return m._load_engine(model, threads, bits, bits_map, plan)
+        return m._load_engine(model, threads, bits, bits_map, plan, head_bits=head_bits)
     import inspect
 
     from bitdial.runtime.engine import Engine
 
     if "dynamic" not in inspect.signature(Engine.load).parameters:
         raise BitdialError("--dynamic needs dynamic precision, which this version of bitdial does not have")
-    return Engine.load(model, threads=threads, dynamic=dynamic)
+    return Engine.load(model, threads=threads, dynamic=dynamic, head_bits=head_bits)
 
 
 def serve_cmd(
@@ -66,6 +66,9 @@ def serve_cmd(
     plan: Optional[str] = typer.Option(None, "--plan", help="Default: a plan stored in the artifact."),
     dynamic: Optional[float] = typer.Option(None, "--dynamic", help="Default dynamic-precision target (needs "
                                                                      "an artifact calibrated for dynamic precision)."),
+    head_bits: Optional[str] = typer.Option(None, "--head-bits", help="Output head width: BITS, or TARGET=BITS,... "
+                                                                     "per dynamic target (e.g. 2=4,2.5=5; default: "
+                                                                     "the stored maximum)."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Default policy of requests: fixed, rule or bandit "
                                                                  "(default: rule with --max-ms-per-token, else fixed)."),
     max_ms_per_token: Optional[float] = typer.Option(None, "--max-ms-per-token",
@@ -103,7 +106,7 @@ def serve_cmd(
                               api_key=api_key, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                               max_tokens_limit=max_tokens_limit)
         config.validate()
-        eng = _load(m, model, threads, bits, bits_map, plan, dynamic)
+        eng = _load(m, model, threads, bits, bits_map, plan, dynamic, head_bits)
         if threads:
             from bitdial.planning.device import kernel_threads
 

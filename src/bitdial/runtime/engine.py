@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,35 @@ def read_bits_map(path: str | Path) -> dict[str, int]:
     return d
 
 
+def parse_head_bits(spec: str | int | Mapping | None) -> dict[float | None, int]:
+    """The output head's width per dynamic target: ``"6"`` (every target), ``"2=4,2.5=5"`` or a mapping
+    ``{target: bits}``, with an optional ``default`` (targets not listed; else the stored maximum).
+    Returns ``{target or None (default): bits}``."""
+    if spec is None:
+        return {}
+    if isinstance(spec, int):
+        items = [("default", spec)]
+    elif isinstance(spec, Mapping):
+        items = list(spec.items())
+    else:
+        items = []
+        for part in str(spec).replace(" ", "").split(","):
+            if not part:
+                continue
+            key, eq, val = part.rpartition("=")
+            items.append((key if eq else "default", val))
+    out: dict[float | None, int] = {}
+    for key, val in items:
+        try:
+            t = None if key in ("default", None) else float(key)
+            b = int(val)
+        except (TypeError, ValueError):
+            raise BitdialError(f"--head-bits {spec!r}: {key}={val} is not TARGET=BITS; write e.g. 6 (every "
+                               "target) or 2=4,2.5=5,default=8") from None
+        out[t] = b
+    return out
+
+
 def is_artifact(spec: str | Path) -> bool:
     return str(spec) != "default" and Path(spec).suffix == ".bitdial"
 
@@ -54,15 +83,17 @@ class Engine:
     source: str
     source_model: LoadedModel | None = None
     load_s: float = 0.0
+    head_bits: dict[float | None, int] = field(default_factory=dict)  # output head width per target
 
     @classmethod
     def load(cls, spec: str | Path, *, threads: int | None = None,
              bits: int | Mapping[str, int] | None = None, dynamic: float | None = None,
-             prefill: str = "max") -> "Engine":
+             prefill: str = "max", head_bits: str | int | Mapping | None = None) -> "Engine":
         """Load any model source. ``bits`` (an int or a {pattern: bits} map) applies to artifacts only.
 
         ``dynamic``: run the artifact's dynamic policy for this target (every stored target is loaded, so
-        :meth:`set_target` can switch between them later); ``prefill``: ``max`` or ``per-token``.
+        :meth:`set_target` can switch between them later); ``prefill``: ``max`` or ``per-token``;
+        ``head_bits``: the output head's width per target (:meth:`set_head_bits`).
         """
         set_threads(threads)
         t0 = time.perf_counter()
@@ -93,6 +124,8 @@ class Engine:
             model = Transformer(src.config, src.tensors).eval().fuse()
             install_dense(model)  # the fp32 decode step in one native call (bitdial/runtime/fused.py)
             eng = cls(model, src.tokenizer, src.source, src)
+        if head_bits is not None:
+            eng.set_head_bits(head_bits)
         eng.load_s = time.perf_counter() - t0
         log.info("loaded %s in %.1f s", eng.source, eng.load_s)
         return eng
@@ -118,3 +151,45 @@ class Engine:
             raise BitdialError("this model has no dynamic policies: load an artifact with --dynamic after "
                                "`bitdial calibrate`")
         rt.set_target(target)
+        self._apply_head_bits()
+
+    def set_head_bits(self, spec: str | int | Mapping | None) -> None:
+        """Run the output head at these widths: ``{target: bits}`` with an optional ``default`` (see
+        :func:`parse_head_bits`); targets not covered run it as loaded (its stored maximum unless a bits map said otherwise). The head is read once per
+        decode step in full (49152 x 576 weights for SmolLM2-135M: at 8 bits as many bytes as every decoder
+        linear at 2 bits), so a narrower head is what makes the lowest targets faster. Applies at once and at
+        every :meth:`set_target`."""
+        from bitdial.runtime.anyprec import AnyPrecisionLinear
+
+        head = getattr(self.model, "lm_head", None)
+        parsed = parse_head_bits(spec)
+        if parsed and not isinstance(head, AnyPrecisionLinear):
+            raise BitdialError("--head-bits needs a .bitdial artifact (the output head of this model is not "
+                               "quantized)")
+        if parsed:
+            lo, hi = head.min_bits, head.max_bits
+            bad = {t: b for t, b in parsed.items() if not lo <= b <= hi}
+            if bad:
+                raise BitdialError(f"--head-bits: the output head stores {lo}..{hi} bits; got "
+                                   + ", ".join(f"{'default' if t is None else f'{t:g}'}={b}" for t, b in bad.items()))
+            unknown = [t for t in parsed if t is not None and t not in self.targets]
+            if unknown:
+                raise BitdialError(f"--head-bits: no dynamic policy for target(s) "
+                                   f"{', '.join(f'{t:g}' for t in unknown)} (stored: "
+                                   f"{', '.join(f'{t:g}' for t in self.targets) or 'none'})")
+            if not hasattr(self, "_head_loaded"):
+                self._head_loaded = head.bits
+        self.head_bits = parsed
+        self._apply_head_bits()
+
+    def _apply_head_bits(self) -> None:
+        if not hasattr(self, "_head_loaded"):
+            return
+        b = self.head_bits.get(self.target, self.head_bits.get(None, self._head_loaded))
+        if b is not None and self.model.lm_head.bits != b:
+            self.model.lm_head.bits = b
+
+    @property
+    def head_width(self) -> int | None:
+        """The output head's width in effect (None for a float model)."""
+        return getattr(getattr(self.model, "lm_head", None), "bits", None)

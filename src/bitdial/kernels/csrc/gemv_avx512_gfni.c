@@ -18,6 +18,8 @@
  * int8 x and one float multiply-add per chunk with s_g * d_u.
  */
 #include <immintrin.h>
+#include <pthread.h>
+#include <string.h>
 
 #include "avx512_common.h"
 #include "bitdial_kernels.h"
@@ -46,14 +48,37 @@ static const uint8_t PIN8[64] __attribute__((aligned(64))) = {
     4,  5, 12, 13, 20, 21, 28, 29, 36, 37, 44, 45, 52, 53, 60, 61,
     6,  7, 14, 15, 22, 23, 30, 31, 38, 39, 46, 47, 54, 55, 62, 63};
 
+/* Octet layout of a full block (decode, M = 1): output vector j holds in its qword q the column group 8q + j,
+ * i.e. columns 64q + 8j .. + 7 (chunk q, eighth j) instead of group 8j + q. The PINs above with the group
+ * index transposed (g = 8a + b -> 8b + a), so PINO[S][pos] = T(PIN[S][pos]), built once by octet_pins().
+ * The activations of a full block are stored in the same order (prepare_avx512_gfni: an 8 x 8 transpose of
+ * qwords), so vpdpbusd lanes 2q and 2q + 1 of every output vector add up products of chunk q only: the 8
+ * vectors of a block go into one int32 accumulator, converted and scaled once per block (one factor per
+ * lane pair) instead of once per chunk. */
+static uint8_t PINO[3][64] __attribute__((aligned(64)));
+static void octet_pins(void) {
+    const uint8_t *src[3] = {PIN2, PIN4, PIN8};
+    for (int t = 0; t < 3; t++)
+        for (int i = 0; i < 64; i++) PINO[t][i] = (uint8_t)(((src[t][i] & 7) << 3) | (src[t][i] >> 3));
+}
+
+/* gf2p8affine matrix (data = codes byte) for (y >> sh) & (2^w - 1): result bit i = bit i + sh of y. */
+#define GF_SHR(sh, w) ((long long)gf_shr_q(sh, w))
+static inline uint64_t gf_shr_q(int sh, int w) {
+    uint64_t m = 0;
+    for (int i = 0; i < w; i++) m |= (uint64_t)(1u << (i + sh)) << (8 * (7 - i));
+    return m;
+}
+
 #define SLOTS(k) ((k) <= 2 ? 2 : (k) <= 4 ? 4 : 8)
 
 /* Codes of the 8 chunks of block J of one row: c[q] = u8 codes of columns 512J + 64q .. + 63.
  * vb = valid bytes of the block in each plane row (64, or fewer in the last block). */
-BD_INLINE void block_codes(const uint8_t *row, int64_t ps, int64_t J, int vb, int k, const int S, __m512i *c) {
+BD_INLINE void block_codes_x(const uint8_t *row, int64_t ps, int64_t J, int vb, int k, const int S, __m512i *c,
+                              const int oct) {
     const int full = vb >= 64;
     const __mmask64 live = full ? ~(__mmask64)0 : (((__mmask64)1 << vb) - 1);
-    const __m512i pin = _mm512_load_si512(S == 2 ? PIN2 : S == 4 ? PIN4 : PIN8);
+    const __m512i pin = _mm512_load_si512(oct ? PINO[S == 2 ? 0 : S == 4 ? 1 : 2] : S == 2 ? PIN2 : S == 4 ? PIN4 : PIN8);
     const __m512i X = _mm512_set1_epi64((long long)0x8040201008040201ULL); /* byte i = 1 << i */
     __m512i V[8];
 #pragma GCC unroll 8
@@ -68,6 +93,13 @@ BD_INLINE void block_codes(const uint8_t *row, int64_t ps, int64_t J, int vb, in
         for (int i = 0; i < 2; i++) {
             const __m512i t = i ? _mm512_unpackhi_epi8(V[0], V[1]) : _mm512_unpacklo_epi8(V[0], V[1]);
             const __m512i r = _mm512_gf2p8affine_epi64_epi8(X, t, 0);
+            if (oct) { /* octet: every vector adds into one accumulator, so plain codes (one GF op each) */
+                c[4 * i + 0] = _mm512_gf2p8affine_epi64_epi8(r, _mm512_set1_epi64(GF_SHR(6, 2)), 0);
+                c[4 * i + 1] = _mm512_gf2p8affine_epi64_epi8(r, _mm512_set1_epi64(GF_SHR(4, 2)), 0);
+                c[4 * i + 2] = _mm512_gf2p8affine_epi64_epi8(r, _mm512_set1_epi64(GF_SHR(2, 2)), 0);
+                c[4 * i + 3] = _mm512_and_si512(r, _mm512_set1_epi8(0x03));
+                continue;
+            }
             /* fields left in place: code << (6 - 2w), undone by code_scale() on the chunk's factor */
             c[4 * i + 0] = _mm512_and_si512(r, _mm512_set1_epi8((char)0xc0));
             c[4 * i + 1] = _mm512_and_si512(r, _mm512_set1_epi8(0x30));
@@ -92,7 +124,8 @@ BD_INLINE void block_codes(const uint8_t *row, int64_t ps, int64_t J, int vb, in
 #pragma GCC unroll 4
         for (int i = 0; i < 4; i++) {
             const __m512i r = _mm512_gf2p8affine_epi64_epi8(X, B[i], 0);
-            c[2 * i] = _mm512_and_si512(r, _mm512_set1_epi8((char)0xf0)); /* 16 * code, see code_scale() */
+            c[2 * i] = oct ? _mm512_gf2p8affine_epi64_epi8(r, _mm512_set1_epi64(GF_SHR(4, 4)), 0)
+                           : _mm512_and_si512(r, _mm512_set1_epi8((char)0xf0)); /* 16 * code, see code_scale() */
             c[2 * i + 1] = _mm512_and_si512(r, _mm512_set1_epi8(0x0f));
         }
         return;
@@ -102,6 +135,10 @@ BD_INLINE void block_codes(const uint8_t *row, int64_t ps, int64_t J, int vb, in
         c[2 * i] = _mm512_gf2p8affine_epi64_epi8(X, _mm512_unpacklo_epi32(B[i], B[4 + i]), 0);
         c[2 * i + 1] = _mm512_gf2p8affine_epi64_epi8(X, _mm512_unpackhi_epi32(B[i], B[4 + i]), 0);
     }
+}
+
+BD_INLINE void block_codes(const uint8_t *row, int64_t ps, int64_t J, int vb, int k, const int S, __m512i *c) {
+    block_codes_x(row, ps, J, vb, k, S, c, 0);
 }
 
 /* With S = 2 and 4 the codes of some chunks come out multiplied by a power of two (fields left in
@@ -131,6 +168,40 @@ BD_INLINE void gdecode_chunk(const bd_gemv *a, const __m512i c, int64_t j, int j
     if (qb64) f = _mm512_set1_ps(fac[jj]);
     else f = _mm512_mask_mov_ps(_mm512_set1_ps(fac[2 * jj]), 0xff00, _mm512_set1_ps(fac[2 * jj + 1]));
     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), f, *acc);
+}
+
+/* Full block J in the octet layout into acc2[0] (and acc2[1] with 32-column x blocks): the 8 code vectors
+ * against the reordered activations, summed in int32 (two chains), then one convert and multiply-add per
+ * accumulator. f = the factors of the window's 16 x blocks (s_g d_u, no code scale); h = the block's
+ * place in its window (64-column x blocks: two blocks per window). */
+BD_INLINE void octet_block(const bd_gemv *a, const uint8_t *row, int64_t J, const int k, __m512 f, int h, const int qb64,
+                           __m512 *acc2) {
+    __m512i c[8];
+    block_codes_x(row, a->pstride, J, 64, k, SLOTS(k), c, 1);
+    const int8_t *xb = a->xq + 512 * J;
+    const __m512i lane = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    if (qb64) { /* lanes 2q, 2q+1: chunk q = x block 8h + q */
+        __m512i s[4]; /* four chains of two: short rows are bound by this latency, not by throughput */
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++)
+            s[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c[j], _mm512_load_si512(xb + 64 * j)),
+                                       c[j + 4], _mm512_load_si512(xb + 64 * j + 256));
+        const __m512 F = _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32(8 * h)), f);
+        const __m512i t = _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]));
+        acc2[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), F, acc2[0]);
+    } else { /* eighths 0-3 of chunk q are x block 2q, eighths 4-7 x block 2q + 1 */
+        __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_load_si512(xb));
+        __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[4], _mm512_load_si512(xb + 256));
+#pragma GCC unroll 3
+        for (int j = 1; j < 4; j++) {
+            lo = _mm512_dpbusd_epi32(lo, c[j], _mm512_load_si512(xb + 64 * j));
+            hi = _mm512_dpbusd_epi32(hi, c[4 + j], _mm512_load_si512(xb + 256 + 64 * j));
+        }
+        const __m512i i0 = _mm512_add_epi32(lane, lane);
+        acc2[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_permutexvar_ps(i0, f), acc2[0]);
+        acc2[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_permutexvar_ps(_mm512_add_epi32(i0, _mm512_set1_epi32(1)), f),
+                                  acc2[1]);
+    }
 }
 
 /* Plain k-bit codes of chunk ch (64 columns) of one row from mask registers, as gemv_avx512.c does: for a
@@ -206,10 +277,14 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
             f = unit_factors_vec(a, s16, u0, idx_const ? idx0 : unit_group_idx(a, u0), a->dx);
         }
         acc[0] = _mm512_fnmadd_ps(f, _mm512_loadu_ps(a->qs + u0), acc[0]); /* centering */
-        if (SLOTS(k) != 8 && J0 + BPF >= nblk && nblk > nfull) store_factors(raw, f); /* tail chunks: plain codes */
-        store_factors(fac, SLOTS(k) == 8 ? f : _mm512_mul_ps(f, cs));
-        for (int64_t J = J0; J < J0 + BPF && J < nblk; J++)
-            block_chunks(a, row, J, (int)(8 * (J - J0)), k, fac, raw, acc, 3, qb64);
+        if (J0 + BPF >= nblk && nblk > nfull) { /* the partial block: per-chunk path, natural order */
+            if (SLOTS(k) != 8) store_factors(raw, f); /* tail chunks: plain codes */
+            store_factors(fac, SLOTS(k) == 8 ? f : _mm512_mul_ps(f, cs));
+        }
+        for (int64_t J = J0; J < J0 + BPF && J < nblk; J++) {
+            if (J < nfull) octet_block(a, row, J, k, f, (int)(J - J0), qb64, &acc[2 * (J & 1)]);
+            else block_chunks(a, row, J, (int)(8 * (J - J0)), k, fac, raw, acc, 3, qb64);
+        }
     }
     if (!gq) off = offset_term(a, s16, m16, a->xs);
     const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
@@ -231,7 +306,7 @@ BD_INLINE void gshort_rows(const bd_gemv *a, int64_t n, const int k, __m512 *out
     const __m512 cs = code_scale(S, 1), hmid = _mm512_set1_ps(a->hmid);
     const __m512 xs = _mm512_loadu_ps(a->xs), dx = _mm512_loadu_ps(a->dx), qs = _mm512_loadu_ps(a->qs);
     float fac[SHORT_R][16] __attribute__((aligned(64))), raw[SHORT_R][16] __attribute__((aligned(64)));
-    __m512 acc[SHORT_R][2], off[SHORT_R];
+    __m512 acc[SHORT_R][2], off[SHORT_R], fr[SHORT_R];
     bd_prefetch_rows(a, n, SHORT_R, k);
 #pragma GCC unroll 4
     for (int r = 0; r < SHORT_R; r++) {
@@ -242,12 +317,18 @@ BD_INLINE void gshort_rows(const bd_gemv *a, int64_t n, const int k, __m512 *out
         const __m512 f = _mm512_mul_ps(sc, dx);
         acc[r][0] = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), f), qs); /* centering */
         acc[r][1] = _mm512_setzero_ps();
-        if (S != 8 && nblk > nfull) _mm512_store_ps(raw[r], f); /* tail chunks: plain codes */
-        store_factors(fac[r], S == 8 ? f : _mm512_mul_ps(f, cs));
+        fr[r] = f;
+        if (nblk > nfull) {
+            if (S != 8) _mm512_store_ps(raw[r], f); /* tail chunks: plain codes */
+            store_factors(fac[r], S == 8 ? f : _mm512_mul_ps(f, cs));
+        }
     }
     for (int64_t J = 0; J < nblk; J++)
 #pragma GCC unroll 4
-        for (int r = 0; r < SHORT_R; r++) block_chunks(a, a->planes + (n + r) * RB, J, (int)(8 * J), k, fac[r], raw[r], acc[r], 1, 1);
+        for (int r = 0; r < SHORT_R; r++) {
+            if (J < nfull) octet_block(a, a->planes + (n + r) * RB, J, k, fr[r], (int)J, 1, &acc[r][J & 1]);
+            else block_chunks(a, a->planes + (n + r) * RB, J, (int)(8 * J), k, fac[r], raw[r], acc[r], 1, 1);
+        }
     const __m512 L = _mm512_set1_ps(a->L);
 #pragma GCC unroll 4
     for (int r = 0; r < SHORT_R; r++) out[r] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][0], acc[r][1]), L, off[r]);
@@ -405,4 +486,20 @@ static void rows_avx512_gfni(const bd_gemv *a, int64_t n0, int64_t n1) {
     }
 }
 
-const bd_isa bd_isa_avx512_gfni = {"avx512", prepare_avx512, rows_avx512_gfni, sum_bytes_avx512};
+/* prepare_avx512, then (decode, M = 1) the activations of every full 512-column block in the octet order of
+ * octet_block: xq'[512J + 64j + 8q + i] = xq[512J + 64q + 8j + i] (an 8 x 8 transpose of qwords). */
+static void prepare_avx512_gfni(bd_gemv *a) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, octet_pins);
+    prepare_avx512(a);
+    if (a->M != 1) return;
+    const int64_t nfull = a->RB >> 6; /* as the row loop counts full blocks */
+    for (int64_t J = 0; J < nfull; J++) {
+        uint64_t t[64], *blk = (uint64_t *)(void *)(a->xq + 512 * J);
+        memcpy(t, blk, sizeof t);
+        for (int q = 0; q < 8; q++)
+            for (int j = 0; j < 8; j++) blk[8 * j + q] = t[8 * q + j];
+    }
+}
+
+const bd_isa bd_isa_avx512_gfni = {"avx512", prepare_avx512_gfni, rows_avx512_gfni, sum_bytes_avx512};
