@@ -112,3 +112,15 @@ def test_unknown_plan_is_a_clear_error(tiny_artifact):
     assert r.exit_code == 2 and "no plan named 'nope'" in r.output
     r = run("generate", tiny_artifact, "-p", "Hello", "-n", "2", "--plan", "x", "--bits", "3", ok=False)
     assert r.exit_code == 2 and "one of --bits, --bits-map, --plan or --dynamic" in r.output
+
+
+def test_head_bits_flag(tiny_artifact):
+    """--head-bits on a static artifact: a width for every target runs; bad values are clear errors."""
+    r = run("generate", tiny_artifact, "-p", "Hello", "-n", "3", "--bits", "3", "--head-bits", "4", "--json")
+    assert last_json(r)["completion_tokens"] == 3
+    r = run("generate", tiny_artifact, "-p", "Hello", "-n", "2", "--head-bits", "12", ok=False)
+    assert r.exit_code == 2 and "output head stores" in r.output
+    r = run("generate", tiny_artifact, "-p", "Hello", "-n", "2", "--head-bits", "3=4", ok=False)
+    assert r.exit_code == 2 and "no dynamic policy for target" in r.output
+    r = run("generate", "default", "-p", "x", "--head-bits", "4", ok=False)
+    assert r.exit_code == 2 and "needs a .bitdial artifact" in r.output

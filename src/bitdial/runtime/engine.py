@@ -84,6 +84,7 @@ class Engine:
     source_model: LoadedModel | None = None
     load_s: float = 0.0
     head_bits: dict[float | None, int] = field(default_factory=dict)  # output head width per target
+    _head_loaded: int | None = field(default=None, repr=False)  # its width before set_head_bits
 
     @classmethod
     def load(cls, spec: str | Path, *, threads: int | None = None,
@@ -177,13 +178,13 @@ class Engine:
                 raise BitdialError(f"--head-bits: no dynamic policy for target(s) "
                                    f"{', '.join(f'{t:g}' for t in unknown)} (stored: "
                                    f"{', '.join(f'{t:g}' for t in self.targets) or 'none'})")
-            if not hasattr(self, "_head_loaded"):
+            if self._head_loaded is None:
                 self._head_loaded = head.bits
         self.head_bits = parsed
         self._apply_head_bits()
 
     def _apply_head_bits(self) -> None:
-        if not hasattr(self, "_head_loaded"):
+        if self._head_loaded is None:
             return
         b = self.head_bits.get(self.target, self.head_bits.get(None, self._head_loaded))
         if b is not None and self.model.lm_head.bits != b:
