@@ -156,10 +156,10 @@ class Engine:
 
     def set_head_bits(self, spec: str | int | Mapping | None) -> None:
         """Run the output head at these widths: ``{target: bits}`` with an optional ``default`` (see
-        :func:`parse_head_bits`); targets not covered run it as loaded (its stored maximum unless a bits map said otherwise). The head is read once per
-        decode step in full (49152 x 576 weights for SmolLM2-135M: at 8 bits as many bytes as every decoder
-        linear at 2 bits), so a narrower head is what makes the lowest targets faster. Applies at once and at
-        every :meth:`set_target`."""
+        :func:`parse_head_bits`); targets not covered run it as loaded (its stored maximum unless a bits map
+        said otherwise). The head is read once per decode step in full (49152 x 576 weights for SmolLM2-135M:
+        at 8 bits as many bytes as every decoder linear at 2 bits), so a narrower head is what makes the
+        lowest targets faster. Applies at once and at every :meth:`set_target`."""
         from bitdial.runtime.anyprec import AnyPrecisionLinear
 
         head = getattr(self.model, "lm_head", None)
