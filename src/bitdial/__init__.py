@@ -6,8 +6,9 @@ import sys as _sys
 # torch's OpenMP runtime (GNU libgomp in the CPU wheels) reads its wait policy once, when it loads. Its
 # default spins after every parallel region, which on a small CPU fights the native kernels' own thread
 # pool (prefill alternates native tile rebuilds and torch GEMMs) and, when another process holds a core,
-# makes every region wait out a scheduler slice: a prompt took 2.3x longer under a one-core competitor
-# (benchmarks/adaptive_control.py). PASSIVE sleeps at once; prefill measured faster with it, idle too
+# makes every region wait out a scheduler slice: under a one-core competitor the median time to first
+# token of fixed 4 bits was 9.8 s with the default and 0.35 s with PASSIVE (benchmarks/results/
+# adaptive_control_zen4*.json). PASSIVE sleeps at once; prefill measured faster with it, idle too
 # (docs/kernels.md, "Threads"). Only a default: an OMP_WAIT_POLICY the user set wins, and nothing changes
 # if torch was imported before bitdial.
 if "torch" not in _sys.modules:
