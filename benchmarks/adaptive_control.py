@@ -28,9 +28,10 @@ Without ``--max-ms-per-token`` the latency target is calibrated: ``--calib-facto
 idle ms/token of ``fixed4`` measured on this workload for ``--calib-seconds``, so fixed 4-bit meets it
 idle and misses it under the competitor. The choice is printed.
 
-The adaptive policies also choose each request's thread count (the cores the competitor leaves free, see
-docs/control.md): their latency model is probed at every thread count up to ``--threads``, as `bitdial serve`
-does. Fixed policies keep ``--threads``. ``--arrival-interval S`` makes the workload open loop (a request
+With ``--adapt-threads`` the adaptive policies also choose each request's thread count (the cores the
+competitor leaves free, see docs/control.md): their latency model is then probed at every thread count up to
+``--threads``, as `bitdial serve --adapt-threads` does. Otherwise (the default) every policy keeps ``--threads``.
+``--arrival-interval S`` makes the workload open loop (a request
 arrives every S s; one that finds the previous still running starts when it ends), so that the competitor
 period holds the same share of the requests for every policy; the default is back to back, where a slower
 policy runs fewer requests while the competitor is on.
@@ -690,8 +691,9 @@ def main() -> None:
     ap.add_argument("--telemetry-interval", type=float, default=0.5, help="seconds between real telemetry reads")
     ap.add_argument("--min-bits", type=float, default=None, help="the controller requests' min_bits")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--adapt-threads", action=argparse.BooleanOptionalAction, default=True,
-                    help="let the adaptive policies leave busy cores alone (fewer threads; default on)")
+    ap.add_argument("--adapt-threads", action=argparse.BooleanOptionalAction, default=False,
+                    help="let the adaptive policies leave busy cores alone (fewer threads; default off, as in "
+                         "bitdial serve)")
     ap.add_argument("--head-bits", default=None,
                     help="output head width per target, e.g. 2=4,2.5=5 (as `bitdial serve --head-bits`; every "
                          "policy runs the same targets, so a fixed target gets its head width too)")
@@ -786,7 +788,7 @@ def main() -> None:
         latency_ms = measure_latency(eng.model, backend, args.latency_probe_rounds, args.latency_probe_steps)
         result["latency_ms"] = {f"{t:g}": round(v, 3) for t, v in latency_ms.items()}
         thread_latency: dict[int, dict[float, float]] = {}
-        for n in range(1, args.threads):  # what `bitdial serve` also probes: the model on fewer threads
+        for n in range(1, args.threads if args.adapt_threads else 1):  # as `bitdial serve --adapt-threads`
             set_compute_threads(n)
             try:
                 thread_latency[n] = measure_latency(eng.model, backend, args.latency_probe_rounds,

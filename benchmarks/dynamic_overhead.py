@@ -7,7 +7,8 @@ For each target the artifact holds a policy for, decode runs alternate (one of e
 rounds, medians quoted) between:
 
 * ``dynamic``: the stored policy (every module estimates its error and picks l or h bits per token);
-* ``static-plan``: the planner's static plan at the target (needs ``--profile``);
+* ``static-plan``: the planner's static plan at the target, or (``--plan-at realized``) at the bits the dynamic
+  policy realized on the same steps in a first pass (needs ``--profile``);
 * ``uniform-l`` / ``uniform-h``: every decoder linear at floor / ceil of the target. Decode time is
   linear in the bytes read, so interpolating their ms/token at the *realized* bits of the dynamic run
   gives the static cost of exactly the same average precision (``static-matched``).
@@ -61,6 +62,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--interleave", choices=("run", "step"), default="run",
                     help="a round is one generation per configuration (run) or one decode step (step)")
+    ap.add_argument("--plan-at", choices=("target", "realized"), default="target",
+                    help="static plan at the target, or at the dynamic policy's realized bits on the same steps "
+                         "(measured in a first pass: the same average bits even where the policy misses its target)")
     ap.add_argument("--label", default=None)
     ap.add_argument("--out", default=str(ROOT / "results" / "dynamic_overhead.json"))
     args = ap.parse_args()
@@ -88,6 +92,26 @@ def main() -> None:
         r = generate(model, art.tokenizer, ids, params)
         return r.decode_s / r.decode_steps * 1e3, r.realized_bits
 
+    def apply(kind, val) -> None:
+        if kind == "dyn":
+            rt.set_target(val)
+        else:
+            rt.set_target(None)
+            set_bits(model, val)
+
+    plan_bits = {t: t for t in targets}
+    if prof is not None and args.plan_at == "realized":  # first pass: the dynamic policies alone
+        pre = {f"{t:g}": {"dynamic": ("dyn", t)} for t in targets}
+        pt = {k: {"dynamic": []} for k in pre}
+        pb = {k: {"dynamic": []} for k in pre}
+        if args.interleave == "step":
+            step_rounds(model, art, ids, pre, apply, pt, pb, args.runs, console)
+        else:
+            for k, cfg in pre.items():
+                apply(*cfg["dynamic"])
+                pb[k]["dynamic"].append(run()[1])
+        plan_bits = {t: statistics.fmean(pb[f"{t:g}"]["dynamic"]) for t in targets}
+        console.print("static plans at the realized bits: " + ", ".join(f"{t:g} -> {b:.3f}" for t, b in plan_bits.items()))
     configs: dict[str, dict] = {}
     for t in targets:
         lo, hi = math.floor(t), math.ceil(t)
@@ -97,16 +121,9 @@ def main() -> None:
         if prof is not None:
             from bitdial.planning import Budgets, make_plan
 
-            plan = make_plan(art, prof, Budgets(avg_bits=t), name=f"s{t:g}")
+            plan = make_plan(art, prof, Budgets(avg_bits=plan_bits[t]), name=f"s{t:g}")
             cfg["static-plan"] = ("bits", {n: b for n, b in plan.bits.items() if n in lin})
         configs[f"{t:g}"] = cfg
-
-    def apply(kind, val) -> None:
-        if kind == "dyn":
-            rt.set_target(val)
-        else:
-            rt.set_target(None)
-            set_bits(model, val)
 
     for cfg in configs.values():  # warm up every configuration once (page-in, caches)
         for kind, val in cfg.values():
@@ -144,7 +161,7 @@ def main() -> None:
         # machine state: on a noisy host the median of per-round ratios is the robust figure
         matched = [matched_at(i) for i in range(args.runs)]
         r_matched = [d / m - 1 for d, m in zip(T["dynamic"], matched)]
-        row = {"target": tf, "ms_per_token": med, "realized_bits": rb, "runs": times[t],
+        row = {"target": tf, "ms_per_token": med, "realized_bits": rb, "runs": times[t], "plan_bits": plan_bits[tf],
                "static_matched_ms": statistics.median(matched),
                "dynamic_vs_matched": statistics.median(r_matched), "dynamic_vs_matched_rounds": r_matched,
                # ratio of the means: what tokens/s over the whole text would show
@@ -160,7 +177,7 @@ def main() -> None:
     prev = json.loads(out_path.read_text()) if out_path.exists() else {}
     label = args.label or Path(args.artifact).stem
     prev[label] = {"artifact": args.artifact, "config": art.meta["config"], "threads": args.threads,
-                   "interleave": args.interleave, "runs": args.runs, "new_tokens": args.new_tokens, "cpu": os.cpu_count(),
+                   "interleave": args.interleave, "plan_at": args.plan_at, "runs": args.runs, "new_tokens": args.new_tokens, "cpu": os.cpu_count(),
                    "kernel_variant": kernels.variant(), "rows": rows}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(prev, indent=1))

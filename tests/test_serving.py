@@ -291,7 +291,7 @@ def test_controller_runs_a_request_on_the_free_cores(engine):
     threads_before = torch.get_num_threads()
     torch.set_num_threads(2)  # the server's count, whatever this machine has
     busy = [{"t": 0, "per_cpu_util": [1.0, 0.0], "cpu_count": 2, "self_cpu_cores": 0.0}]
-    ctl = control_mod.Controller(backend.targets, latency, control_mod.ControlConfig(threads=2),
+    ctl = control_mod.Controller(backend.targets, latency, control_mod.ControlConfig(threads=2, adapt_threads=True),
                                  thread_latency_ms=one)
     control = ControlAdapter(ctl, control_mod.Telemetry.replay(busy), control_mod.RequestConstraints)
     seen = []

@@ -78,6 +78,9 @@ def serve_cmd(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id reported by the API "
                                                                         "(default: the file's name)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for compute (default: all cores)."),
+    adapt_threads: bool = typer.Option(False, "--adapt-threads/--no-adapt-threads",
+                                       help="Let the controller run a request on fewer threads when other "
+                                            "processes hold cores (default off: docs/control.md, \"Threads\")."),
 ) -> None:
     """Serve a model behind an OpenAI-compatible HTTP API (chat and text completions, SSE streaming)."""
     m = _main()
@@ -120,9 +123,10 @@ def serve_cmd(
             import importlib.util
 
             if importlib.util.find_spec("bitdial.control") is not None:
-                fewer = range(1, torch.get_num_threads())  # the controller may leave busy cores alone
+                fewer = range(1, torch.get_num_threads() if adapt_threads else 1)  # it may leave busy cores alone
                 control = ControlAdapter.create(backend.targets, probe_latency(eng.model, backend),
-                                                probe_thread_latency(eng.model, backend, fewer))
+                                                probe_thread_latency(eng.model, backend, fewer),
+                                                adapt_threads=adapt_threads)
         if policy != "fixed" and control is None:
             m.err.print(f"[yellow]--policy {policy}: the precision controller is not available; "
                         "requests run at a fixed target[/]")

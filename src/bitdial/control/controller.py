@@ -13,13 +13,14 @@ Three policies (docs/control.md):
   and shrunk towards what the other arms show;
 * ``fixed``: the request's ``target_bits``.
 
-Both adaptive policies also choose the request's **thread count** (``adapt_threads``): the cores other
-processes leave free (``DeviceState.other_cpu_cores``), with ``thread_margin`` cores of hysteresis, decided
-at the start of a request so that its prefill runs on it too (a thread that shares its core with another
-busy process stalls every parallel region of the prefill: a median 9.1 s to first token instead of 0.26 s
-in benchmarks/results/adaptive_control_zen4.json). The latency
-model is kept per thread count (``thread_latency_ms``; without a measurement the work is assumed to split
-evenly). Hysteresis keeps both adaptive policies from flapping: a switch up needs the higher target to fit with
+With ``adapt_threads`` (off by default) both adaptive policies also choose the request's **thread
+count**: the cores other processes leave free (``DeviceState.other_cpu_cores``), with ``thread_margin`` cores
+of hysteresis, decided at the start of a request so that its prefill runs on it too. It was built for a
+prefill that stalled on a core shared with a busy process (torch's OpenMP threads spinning: 9.1 s to the
+first token instead of 0.26 s); since ``import bitdial`` makes those threads sleep, two threads decode and
+prefill faster than one next to a busy core on every machine measured (docs/control.md, "Threads"), so it
+is opt-in. The latency model is kept per thread count (``thread_latency_ms``; without a measurement the
+work is assumed to split evenly). Hysteresis keeps both adaptive policies from flapping: a switch up needs the higher target to fit with
 headroom for ``min_dwell`` consecutive steps; a switch down happens as soon as the median of the last
 ``down_window`` observed latencies violates the target. Thermal and battery caps lower the highest
 allowed target, but never below the request's ``min_bits``.
@@ -67,6 +68,11 @@ class ControlConfig:
     # hysteresis
     up_margin: float = 0.10  # a target fits if predicted ms <= max_ms * (1 - headroom), headroom >= up_margin
     quantile_z: float = 1.645  # ... and headroom >= 1 - exp(-z * observed log-noise): ~95% of tokens in time
+    # ... and (rule) it would have met the latency target on this share of the last ``quantile_window`` steps
+    # (their observed/predicted ratios applied to it): a bimodal slowdown (a thread on or off a shared core)
+    # must not lure the rule up on its fast steps. 0 disables
+    up_quantile: float = 0.95
+    quantile_window: int = 64
     down_margin: float = 0.0  # a violation is observed ms > max_ms * (1 + down_margin)
     down_window: int = 3  # violation / change detection on the median of this many last steps
     min_dwell: int = 8  # steps a higher target must fit before switching up; bandit decision period
@@ -80,8 +86,9 @@ class ControlConfig:
     ewma_alpha: float = 0.1
     change_ratio: float = 1.3  # a median this far (×/÷) from the estimate resets it: a competitor came or went
     threads: int | None = None  # the model's threads, for the device-state prior (None: every usable core)
-    # thread policy: run on the cores other processes leave free (decided per request, before its prefill)
-    adapt_threads: bool = True
+    # thread policy (opt-in): run on the cores other processes leave free (decided per request, before its
+    # prefill); off by default: two threads beat one next to a busy core since the passive OpenMP wait
+    adapt_threads: bool = False
     thread_margin: float = 0.25  # hysteresis in cores: drop a thread when free cores < n - 0.5 - margin,
     #                              add one when free cores > n + 0.5 + margin
     use_state_prior: bool = True
@@ -106,6 +113,11 @@ class ControlConfig:
     history: int = 1000  # decisions kept in Controller.history
 
     def __post_init__(self) -> None:
+        if not 0.0 <= _number("up_quantile", self.up_quantile) < 1.0:
+            raise ValueError(f"up_quantile must be in [0, 1), got {self.up_quantile}")
+        if isinstance(self.quantile_window, bool) or not isinstance(self.quantile_window, int) \
+                or self.quantile_window < 2:
+            raise ValueError(f"quantile_window must be an integer >= 2, got {self.quantile_window!r}")
         if not 0.0 <= _number("thread_margin", self.thread_margin) < 0.5:
             raise ValueError(f"thread_margin must be in [0, 0.5), got {self.thread_margin}")
         for name in ("up_margin", "down_margin"):
@@ -226,7 +238,8 @@ class _Slowdown:
 
     ``c`` is a winsorized EWMA of y, reset to the median of the last ``down_window`` values when that
     median moves more than ``log(change_ratio)`` away (a competitor came or went); ``var`` tracks the
-    per-token noise from the residuals that are not changes.
+    per-token noise from the residuals that are not changes. ``window`` keeps the last ``quantile_window``
+    values of y whatever they are, for :meth:`quantile`.
     """
 
     def __init__(self, cfg: ControlConfig) -> None:
@@ -237,11 +250,13 @@ class _Slowdown:
         self.n = 0
         self.recent_y: deque[float] = deque(maxlen=cfg.down_window)
         self.recent_ratio: deque[float] = deque(maxlen=cfg.down_window)  # raw ms / predicted ms
+        self.window: deque[float] = deque(maxlen=cfg.quantile_window)
 
     def add(self, y: float, ratio: float) -> bool:
         """Add one step; True when a change was detected (the estimate jumped)."""
         a = self.cfg.ewma_alpha
         self.recent_y.append(y)
+        self.window.append(y)
         self.recent_ratio.append(ratio)
         if self.n == 0:
             self.c, self.n = y, 1
@@ -263,6 +278,13 @@ class _Slowdown:
     @property
     def sigma(self) -> float:
         return math.sqrt(self.var)
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile of y over the window (None until it holds a quarter of its length)."""
+        if len(self.window) < max(2, self.window.maxlen // 4):
+            return None
+        ys = sorted(self.window)
+        return ys[min(len(ys) - 1, int(math.ceil(q * len(ys))) - 1)]
 
     def observed_ratio(self) -> float | None:
         """Median observed/predicted ms of the last steps (None before any)."""
@@ -623,10 +645,14 @@ class Controller:
     def _headroom(self) -> float:
         return max(self.config.up_margin, 1.0 - math.exp(-self.config.quantile_z * self._slow.sigma))
 
-    def _best_fit(self, allowed: list[float], max_ms: float, s: float) -> float | None:
-        """The highest allowed target predicted to fit with headroom under slowdown ``s``."""
+    def _best_fit(self, allowed: list[float], max_ms: float, s: float, prior: float | None = None) -> float | None:
+        """The highest allowed target predicted to fit with headroom under slowdown ``s``; with the state
+        ``prior`` (rule) also within ``max_ms`` on ``up_quantile`` of the recent steps."""
         lim = max_ms * (1.0 - self._headroom())
         fit = [t for t in allowed if self._lat(t) * s <= lim]
+        q = self._slow.quantile(self.config.up_quantile) if prior is not None and self.config.up_quantile else None
+        if q is not None:
+            fit = [t for t in fit if self._lat(t) * prior * math.exp(q) <= max_ms]
         return fit[-1] if fit else None
 
     def _bandit_choice(self, allowed: list[float], max_ms: float, prior: float,
@@ -691,7 +717,7 @@ class Controller:
         if policy == "bandit":
             t, p = self._bandit_choice(allowed, max_ms, prior)
             return t, f"bandit: sampled P(in time) {p:.2f} at {t:g}"
-        fit = self._best_fit(allowed, max_ms, s)
+        fit = self._best_fit(allowed, max_ms, s, prior)
         if fit is None:
             return allowed[0], f"latency target {max_ms:g} ms unattainable: lowest allowed"
         return fit, f"highest target predicted within {max_ms:g} ms with {self._headroom():.0%} headroom"
@@ -709,7 +735,7 @@ class Controller:
             below = [t for t in allowed if t < cur]
             if not below:
                 return cur, f"violation ({observed:.1f} > {max_ms:g} ms) at the lowest allowed target"
-            fit = self._best_fit(below, max_ms, max(s, ratio))  # type: ignore[arg-type]
+            fit = self._best_fit(below, max_ms, max(s, ratio), prior if r.policy == "rule" else None)  # type: ignore[arg-type]
             t = fit if fit is not None else below[0]
             return t, f"violation: observed {observed:.1f} ms/token > {max_ms:g} at {cur:g}"
         if r.policy == "bandit":
@@ -718,7 +744,7 @@ class Controller:
             r.since_epoch = 0
             t, p = self._bandit_choice(allowed, max_ms, prior, cur)
             return t, f"bandit: sampled P(in time) {p:.2f} at {t:g}"
-        fit = self._best_fit(allowed, max_ms, s)
+        fit = self._best_fit(allowed, max_ms, s, prior)
         if fit is None or fit <= cur:
             r.up_streak = 0
             return cur, "hold"

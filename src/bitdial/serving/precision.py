@@ -129,17 +129,19 @@ class ControlAdapter:
 
     @classmethod
     def create(cls, targets: Sequence[float], latency_ms: dict[float, float],
-               thread_latency_ms: dict[int, dict[float, float]] | None = None) -> ControlAdapter | None:
+               thread_latency_ms: dict[int, dict[float, float]] | None = None,
+               adapt_threads: bool = False) -> ControlAdapter | None:
         """The controller over ``targets``, or None (logged) when :mod:`bitdial.control` is missing or fails.
         ``latency_ms`` is the latency model at the current thread count, ``thread_latency_ms`` the same at
-        other thread counts (the controller runs a request on fewer threads when other processes hold cores)."""
+        other thread counts; with ``adapt_threads`` the controller runs a request on fewer threads when other
+        processes hold cores."""
         try:
             from bitdial import control
         except ImportError as e:
             log.info("bitdial.control is not available (%s): adaptive policies fall back to fixed", e)
             return None
         try:
-            config = control.ControlConfig(threads=torch.get_num_threads())
+            config = control.ControlConfig(threads=torch.get_num_threads(), adapt_threads=adapt_threads)
             controller = control.Controller(list(targets), dict(latency_ms), config=config,
                                             thread_latency_ms=thread_latency_ms)
             telemetry = control.Telemetry()
