@@ -81,6 +81,34 @@ def _inputs(K: int, n: int, seed: int, scale_spread: float = 1.0) -> torch.Tenso
     return X * torch.exp(scale_spread * torch.rand(n, 1, generator=g))
 
 
+def test_select_mixture_runs_the_largest_errors_high(dyn_path):
+    """--mix select: the tokens with the largest exact error get the high width (a soft step at the rank
+    quantile 1 - t), about a share t of them, and the loss reaches z through the step."""
+    from bitdial.policies.calibrate import MixedLinear
+
+    lin = _module(dyn_path)
+    X = _inputs(lin.in_features, 400, seed=3)[None]  # [1, T, K]
+    yl, yh = X @ lin.weight_at(3).T, X @ lin.weight_at(4).T
+    e = torch.linalg.vector_norm(yh - yl, dim=-1)[0]
+    for t in (0.25, 0.5, 0.8):
+        m = MixedLinear(lin, 3, 4, "select")
+        m.set_p(3 + t)
+        y = m(X)
+        g = (((y - yl) * (yh - yl)).sum(-1)[0] / ((yh - yl) ** 2).sum(-1)[0]).detach()  # each token's share
+        assert float(g.mean()) == pytest.approx(t, abs=0.02)
+        top = e >= torch.quantile(e, 1 - t + 0.1)  # clearly above the threshold: high
+        low = e <= torch.quantile(e, 1 - t - 0.1)  # clearly below: low
+        assert bool((g[top] > 0.85).all()) and bool((g[low] < 0.15).all())
+        soft = MixedLinear(lin, 3, 4, "soft")
+        soft.set_p(3 + t)
+        assert torch.allclose(soft(X).detach(), yl + t * (yh - yl), rtol=1e-4, atol=1e-4)
+        m.z.grad = None
+        (y - yh).pow(2).sum().backward()  # pulling every token towards the high width raises p
+        assert float(m.z.grad) < 0
+    with pytest.raises(BitdialError, match="--mix"):
+        CalibSettings(mix="median").validate()
+
+
 def test_estimators_against_the_exact_error(dyn_path):
     lin = _module(dyn_path)
     X = _inputs(lin.in_features, 1600, seed=1)

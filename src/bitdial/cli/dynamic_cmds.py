@@ -42,6 +42,9 @@ def calibrate_cmd(
     r2_min: float = typer.Option(0.9, "--r2-min", help="Use the linear estimator where its R^2 reaches this."),
     loss: str = typer.Option("ce", "--loss", help="Training loss: ce (next-token cross-entropy, as DP-LLM) or kl "
                                                    "(KL divergence from the artifact at its stored maximum)."),
+    mix: str = typer.Option("soft", "--mix", help="Training mixture: soft (r W_l x + (1 - r) W_h x, as DP-LLM) or "
+                                                  "select (the tokens with the largest error at the high width, "
+                                                  "as decoding does; docs/dynamic.md)."),
     init: str = typer.Option("target", "--init", help="Start every p_i at the target (DP-LLM) or at the static "
                                                       "plan's width for the target ('plan', needs --profile)."),
     list_: bool = typer.Option(False, "--list", help="List the stored dynamic policies and exit."),
@@ -71,7 +74,8 @@ def calibrate_cmd(
 
         set_threads(threads)
         s = CalibSettings(memory_bits=memory_bits, calib_tokens=calib_tokens, window=window, steps=steps, lr=lr,
-                          alpha=alpha, estimator=estimator, proj_dim=proj_dim, r2_min=r2_min, seed=seed, init=init, loss=loss)
+                          alpha=alpha, estimator=estimator, proj_dim=proj_dim, r2_min=r2_min, seed=seed, init=init, loss=loss,
+                          mix=mix)
         prof = None
         if profile is not None:
             from bitdial.artifact import open_artifact

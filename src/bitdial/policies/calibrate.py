@@ -52,6 +52,7 @@ class CalibSettings:
     estimator: str = "auto"  # auto (linear where R^2 >= r2_min, else pca) | linear | jl | pca
     init: str = "target"  # p_i starts at the target (DP-LLM) or at the static plan's width ("plan", needs a profile)
     loss: str = "ce"  # ce: next-token cross-entropy (DP-LLM); kl: KL from the artifact at its stored maximum
+    mix: str = "soft"  # soft: r W_l x + (1 - r) W_h x (DP-LLM); select: the tokens with the largest error run high
     proj_dim: int = 32
     r2_min: float = 0.9
     seed: int = 0
@@ -70,6 +71,8 @@ class CalibSettings:
             raise BitdialError(f"--proj-dim {self.proj_dim} is above {MAX_PROJ_DIM}, the most the decode step takes")
         if self.loss not in ("ce", "kl"):
             raise BitdialError(f"--loss {self.loss!r}: use ce or kl")
+        if self.mix not in ("soft", "select"):
+            raise BitdialError(f"--mix {self.mix!r}: use soft or select")
         if self.init not in ("target", "plan"):
             raise BitdialError(f"--init {self.init!r}: use target or plan")
         if self.steps < 0 or self.lr <= 0 or self.alpha < 0:
@@ -116,14 +119,21 @@ def memory_max_bits(art, modules: list[str], memory_bits: float, profile=None, m
 
 
 # ---- step 2: learned average precisions -----------------------------------------------------------
-class MixedLinear(nn.Module):
-    """Stand-in for an AnyPrecisionLinear during calibration: ``y = W_l x + t (W_h - W_l) x`` with
-    ``t = p - l`` and ``p = lo + sigmoid(z) (hi - lo)``, differentiable in z. Optionally records inputs
-    and exact errors."""
+SELECT_TAU = 0.05  # width of the soft step of --mix select, in units of the batch's error quantile
 
-    def __init__(self, lin, lo: int, hi: int) -> None:
+
+class MixedLinear(nn.Module):
+    """Stand-in for an AnyPrecisionLinear during calibration, differentiable in z: ``p = lo + sigmoid(z)
+    (hi - lo)``, ``t = p - l`` the share of tokens at h. ``mix="soft"`` (DP-LLM): ``y = W_l x + t (W_h - W_l) x``
+    for every token. ``mix="select"``: ``y = W_l x + g (W_h - W_l) x`` with ``g = sigmoid((u - (1 - t)) / tau)``,
+    ``u`` the rank quantile of the token's exact error ``||(W_h - W_l) x||`` among the batch's tokens: a soft
+    form of what decoding does (the tokens with the largest estimated error run at h, the rest at l), so the
+    loss sees the cost of a fractional width as decoding pays it. Optionally records inputs and exact
+    errors."""
+
+    def __init__(self, lin, lo: int, hi: int, mix: str = "soft") -> None:
         super().__init__()
-        self.lin, self.lo, self.hi = lin, lo, hi
+        self.lin, self.lo, self.hi, self.mix = lin, lo, hi, mix
         self.name = lin.name
         self.z = nn.Parameter(torch.zeros(()))
         self.record: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -163,17 +173,25 @@ class MixedLinear(nn.Module):
             K = x.shape[-1]
             d = (yh - yl).detach().reshape(-1, yh.shape[-1])
             self.record.append((x.detach().reshape(-1, K).clone(), torch.linalg.vector_norm(d, dim=-1)))
-        y = yl + (p - lo) * (yh - yl)
+        d = yh - yl
+        if self.mix == "select":
+            e = torch.linalg.vector_norm(d.detach(), dim=-1).flatten()  # [B*T] exact errors
+            u = torch.empty_like(e)
+            u[torch.argsort(e)] = (torch.arange(e.numel(), dtype=e.dtype) + 0.5) / e.numel()  # rank quantiles
+            g = torch.sigmoid((u.view(d.shape[:-1]) - (1 - (p - lo))) / SELECT_TAU)  # [B, T]
+            y = yl + g.unsqueeze(-1) * d
+        else:
+            y = yl + (p - lo) * d
         return y if bias is None else y + bias
 
 
-def _install(model, maxb: dict[str, int], min_bits: int) -> dict[str, MixedLinear]:
+def _install(model, maxb: dict[str, int], min_bits: int, mix: str = "soft") -> dict[str, MixedLinear]:
     mixed = {}
     for n, lin in list(model.linears().items()):
         if n == "lm_head" or n not in maxb:
             continue
         lo = max(min_bits, lin.min_bits)
-        m = MixedLinear(lin, min(lo, maxb[n]), maxb[n])
+        m = MixedLinear(lin, min(lo, maxb[n]), maxb[n], mix)
         model.set_submodule(n, m)
         mixed[n] = m
     return mixed
@@ -417,7 +435,7 @@ def calibrate(artifact, targets: list[float], calib: str | Path, settings: Calib
     gen = torch.Generator().manual_seed(s.seed)
     model = build_model(art, maxb)
     model.setup_cache(1, s.window)
-    mixed = _install(model, maxb, s.min_bits)
+    mixed = _install(model, maxb, s.min_bits, s.mix)
     policies = []
     bar = _progress(progress, len(targets) * (s.steps + 1))
     try:
