@@ -57,6 +57,27 @@ def test_target_outside_the_memory_budget_is_refused(dyn_path, calib_text):
         calibrate(dyn_path, [3], calib_text, CalibSettings(**dict(FAST, init="plan")), progress=False, save=False)
 
 
+def test_init_auto_starts_from_the_static_plan_with_a_profile(dyn_path, calib_text, tmp_path):
+    """--init auto (the default): with a profile every p_i starts at the static plan's width (the widths differ
+    between modules), without one at the target (all equal); with no training steps that is what is stored."""
+    from bitdial.planning import load_profile, save_profile
+    from bitdial.planning.sensitivity import profile_sensitivity
+
+    art = open_artifact(dyn_path)
+    save_profile(profile_sensitivity(art, calib_text, calib_tokens=256, window=64, gt_ctx=40, gt_windows=0,
+                                     proxies=("fisher",), cache_dir=tmp_path / "kld"), tmp_path / "p.json")
+    prof = load_profile(tmp_path / "p.json", art)
+    s = CalibSettings(**dict(FAST, steps=0))
+    planned = calibrate(dyn_path, [3.0], calib_text, s, profile=prof, progress=False, save=False)[0]
+    flat = calibrate(dyn_path, [3.0], calib_text, s, progress=False, save=False)[0]
+    assert planned.info["settings"]["init"] == "plan" and flat.info["settings"]["init"] == "target"
+    assert planned.info["settings"]["loss"] == "kl" and planned.info["settings"]["mix"] == "select"
+    p_plan = [r.p for r in planned.rules.values() if r.max_bits > r.low]
+    p_flat = [r.p for r in flat.rules.values() if r.max_bits > r.low]
+    assert max(p_flat) - min(p_flat) < 1e-3
+    assert max(p_plan) - min(p_plan) > 0.5
+
+
 def test_parse_targets():
     assert parse_targets("2.5,3, 3.5") == [2.5, 3.0, 3.5]
     assert parse_targets("2.5:3.5:0.25") == [2.5, 2.75, 3.0, 3.25, 3.5]

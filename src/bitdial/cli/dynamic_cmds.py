@@ -40,13 +40,14 @@ def calibrate_cmd(
                                                               "linear, jl (random projection) or pca."),
     proj_dim: int = typer.Option(32, "--proj-dim", help="Rows k of a projection estimator."),
     r2_min: float = typer.Option(0.9, "--r2-min", help="Use the linear estimator where its R^2 reaches this."),
-    loss: str = typer.Option("ce", "--loss", help="Training loss: ce (next-token cross-entropy, as DP-LLM) or kl "
-                                                   "(KL divergence from the artifact at its stored maximum)."),
-    mix: str = typer.Option("soft", "--mix", help="Training mixture: soft (r W_l x + (1 - r) W_h x, as DP-LLM) or "
+    loss: str = typer.Option("kl", "--loss", help="Training loss: kl (KL divergence from the artifact at its stored "
+                                                   "maximum) or ce (next-token cross-entropy, as DP-LLM)."),
+    mix: str = typer.Option("select", "--mix", help="Training mixture: soft (r W_l x + (1 - r) W_h x, as DP-LLM) or "
                                                   "select (the tokens with the largest error at the high width, "
                                                   "as decoding does; docs/dynamic.md)."),
-    init: str = typer.Option("target", "--init", help="Start every p_i at the target (DP-LLM) or at the static "
-                                                      "plan's width for the target ('plan', needs --profile)."),
+    init: str = typer.Option("auto", "--init", help="Start every p_i at the target ('target', as DP-LLM), at the "
+                                                    "static plan's width for the target ('plan', needs --profile), "
+                                                    "or 'auto': plan with --profile, else target."),
     list_: bool = typer.Option(False, "--list", help="List the stored dynamic policies and exit."),
     delete: Optional[float] = typer.Option(None, "--delete", help="Delete the policy of this target and exit."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads (default: all cores)."),

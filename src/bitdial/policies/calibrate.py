@@ -50,9 +50,11 @@ class CalibSettings:
     lr: float = 0.05
     alpha: float = 10.0  # weight of the (mean p - target)^2 penalty
     estimator: str = "auto"  # auto (linear where R^2 >= r2_min, else pca) | linear | jl | pca
-    init: str = "target"  # p_i starts at the target (DP-LLM) or at the static plan's width ("plan", needs a profile)
-    loss: str = "ce"  # ce: next-token cross-entropy (DP-LLM); kl: KL from the artifact at its stored maximum
-    mix: str = "soft"  # soft: r W_l x + (1 - r) W_h x (DP-LLM); select: the tokens with the largest error run high
+    # bitdial's defaults beat DP-LLM's recipe (init target, ce, soft) on the default model: docs/dynamic.md
+    init: str = "auto"  # p_i starts at the target (DP-LLM), the static plan's width ("plan", needs a profile), or auto:
+    #                     plan when a profile is given, else target
+    loss: str = "kl"  # ce: next-token cross-entropy (DP-LLM); kl: KL from the artifact at its stored maximum
+    mix: str = "select"  # soft: r W_l x + (1 - r) W_h x (DP-LLM); select: the tokens with the largest error run high
     proj_dim: int = 32
     r2_min: float = 0.9
     seed: int = 0
@@ -73,8 +75,8 @@ class CalibSettings:
             raise BitdialError(f"--loss {self.loss!r}: use ce or kl")
         if self.mix not in ("soft", "select"):
             raise BitdialError(f"--mix {self.mix!r}: use soft or select")
-        if self.init not in ("target", "plan"):
-            raise BitdialError(f"--init {self.init!r}: use target or plan")
+        if self.init not in ("auto", "target", "plan"):
+            raise BitdialError(f"--init {self.init!r}: use auto, target or plan")
         if self.steps < 0 or self.lr <= 0 or self.alpha < 0:
             raise BitdialError("steps must be >= 0, lr > 0 and alpha >= 0")
 
@@ -416,6 +418,7 @@ def calibrate(artifact, targets: list[float], calib: str | Path, settings: Calib
         profile.check_artifact(art)
     elif s.init == "plan":
         raise BitdialError("--init plan starts from the static plan of each target: give --profile")
+    init_plan = s.init == "plan" or (s.init == "auto" and profile is not None)
     modules = art.config.linear_names()
     maxb = memory_max_bits(art, modules, s.memory_bits, profile, s.min_bits)
     sizes = {n: int(art.modules[n]["shape"][0]) * int(art.modules[n]["shape"][1]) for n in modules}
@@ -448,7 +451,7 @@ def calibrate(artifact, targets: list[float], calib: str | Path, settings: Calib
                     bar.advance()
 
                 init = None
-                if s.init == "plan":
+                if init_plan:
                     from bitdial.planning.planner import Budgets, make_plan
 
                     plan = make_plan(art, profile, Budgets.parse(avg_bits=t), name=f"init-{t:g}", min_bits=s.min_bits)
@@ -458,7 +461,7 @@ def calibrate(artifact, targets: list[float], calib: str | Path, settings: Calib
                 t1 = time.perf_counter()
                 rules = fit_rules(model, mixed, thr_w, s, gen)
                 bar.advance()
-                info = {"settings": asdict(s), "calib": str(calib), "train": train,
+                info = {"settings": {**asdict(s), "init": "plan" if init_plan else "target"}, "calib": str(calib), "train": train,
                         "fit_seconds": round(time.perf_counter() - t1, 2),
                         "estimators": {k: sum(r.estimator == k for r in rules.values()) for k in ESTIMATORS},
                         "profile": str(getattr(profile, "path", None)) if profile is not None else None}
