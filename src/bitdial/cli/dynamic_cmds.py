@@ -75,8 +75,8 @@ def calibrate_cmd(
 
         set_threads(threads)
         s = CalibSettings(memory_bits=memory_bits, calib_tokens=calib_tokens, window=window, steps=steps, lr=lr,
-                          alpha=alpha, estimator=estimator, proj_dim=proj_dim, r2_min=r2_min, seed=seed, init=init, loss=loss,
-                          mix=mix)
+                          alpha=alpha, estimator=estimator, proj_dim=proj_dim, r2_min=r2_min, seed=seed, init=init,
+                          loss=loss, mix=mix)
         prof = None
         if profile is not None:
             from bitdial.artifact import open_artifact

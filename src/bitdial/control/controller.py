@@ -20,10 +20,10 @@ prefill that stalled on a core shared with a busy process (torch's OpenMP thread
 first token instead of 0.26 s); since ``import bitdial`` makes those threads sleep, two threads decode and
 prefill faster than one next to a busy core on every machine measured (docs/control.md, "Threads"), so it
 is opt-in. The latency model is kept per thread count (``thread_latency_ms``; without a measurement the
-work is assumed to split evenly). Hysteresis keeps both adaptive policies from flapping: a switch up needs the higher target to fit with
-headroom for ``min_dwell`` consecutive steps; a switch down happens as soon as the median of the last
-``down_window`` observed latencies violates the target. Thermal and battery caps lower the highest
-allowed target, but never below the request's ``min_bits``.
+work is assumed to split evenly). Hysteresis keeps both adaptive policies from flapping: a switch up needs
+the higher target to fit with headroom for ``min_dwell`` consecutive steps; a switch down happens as soon as
+the median of the last ``down_window`` observed latencies violates the target. Thermal and battery caps lower
+the highest allowed target, but never below the request's ``min_bits``.
 """
 
 from __future__ import annotations
@@ -735,7 +735,8 @@ class Controller:
             below = [t for t in allowed if t < cur]
             if not below:
                 return cur, f"violation ({observed:.1f} > {max_ms:g} ms) at the lowest allowed target"
-            fit = self._best_fit(below, max_ms, max(s, ratio), prior if r.policy == "rule" else None)  # type: ignore[arg-type]
+            guard = prior if r.policy == "rule" else None
+            fit = self._best_fit(below, max_ms, max(s, ratio), guard)  # type: ignore[arg-type]
             t = fit if fit is not None else below[0]
             return t, f"violation: observed {observed:.1f} ms/token > {max_ms:g} at {cur:g}"
         if r.policy == "bandit":

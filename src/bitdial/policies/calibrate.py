@@ -461,7 +461,8 @@ def calibrate(artifact, targets: list[float], calib: str | Path, settings: Calib
                 t1 = time.perf_counter()
                 rules = fit_rules(model, mixed, thr_w, s, gen)
                 bar.advance()
-                info = {"settings": {**asdict(s), "init": "plan" if init_plan else "target"}, "calib": str(calib), "train": train,
+                settings = {**asdict(s), "init": "plan" if init_plan else "target"}  # auto resolved
+                info = {"settings": settings, "calib": str(calib), "train": train,
                         "fit_seconds": round(time.perf_counter() - t1, 2),
                         "estimators": {k: sum(r.estimator == k for r in rules.values()) for k in ESTIMATORS},
                         "profile": str(getattr(profile, "path", None)) if profile is not None else None}
