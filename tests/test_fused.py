@@ -274,3 +274,42 @@ def test_fused_profile_counters(art_path):
     gemv_s = sum(v for k, v in parts.items() if k != "other") * s["steps"] / 1e3
     assert s["gbs"] * 1e9 * gemv_s == pytest.approx(expect * s["steps"], rel=1e-6)  # GB/s of GEMV job time
     assert fused.stats()["steps"] == 0  # read and reset
+
+
+@pytest.mark.parametrize("dim,heads,kv", [(64, 4, 2), (96, 3, 1), (256, 4, 2), (384, 3, 1), (72, 3, 1)])
+def test_fused_attention_long_context(smol, dim, heads, kv):
+    """Attention over many keys in the fused step against torch: head sizes 16, 32, 64 and 128 (the AVX-512
+    build's 16-key blocks and its tail of S % 16 keys) and 24 (the plain loops), on every ISA family's step;
+    the last prompt is long enough for the thread pool's attention job (S * H * hd >= 64 Ki)."""
+    from bitdial.model.llama import Transformer
+    from bitdial.runtime.fused import install_dense
+
+    src = make_tiny(smol.tokenizer, dim=dim, n_heads=heads, n_kv_heads=kv, hidden=96, vocab=300)
+    model = Transformer(src.config, src.tensors).eval().fuse()
+    assert install_dense(model)
+    hd = dim // heads
+    g = torch.Generator().manual_seed(dim)
+    before, threads = BK.variant(), BK.threads()
+    try:
+        for n_prompt in (37, 65536 // (heads * hd) + 3):
+            prompt = torch.randint(0, 300, (1, n_prompt), generator=g)
+            for v in sorted({BK.variant(), "ref"}):
+                BK.set_isa(v)
+                BK.set_threads(2)
+                outs = []
+                for fused in (True, False):
+                    keep = model.fast_decode
+                    model.fast_decode = keep if fused else None
+                    try:
+                        with torch.inference_mode():
+                            model.setup_cache(1, n_prompt + 8)
+                            model(prompt, 0, last_only=True)
+                            steps = [model(torch.tensor([[t]]), n_prompt + i)[0, -1] for i, t in enumerate((5, 77, 191))]
+                        outs.append(torch.stack(steps))
+                    finally:
+                        model.fast_decode = keep
+                a, b = outs
+                assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (v, n_prompt, float((a - b).abs().max()))
+    finally:
+        BK.set_isa(before)
+        BK.set_threads(threads)

@@ -78,7 +78,7 @@ BD_INLINE __m512 offset_term(const bd_gemv *a, const uint16_t *s16, const uint16
 
 /* ---- activation quantization ---------------------------------------------------------------- */
 
-static void prepare_avx512(bd_gemv *a) {
+__attribute__((unused)) static void prepare_avx512(bd_gemv *a) {
     const int64_t K = a->K, QB = a->QB, nv = QB / 16;
     for (int m = 0; m < a->M; m++) {
         const float *x = a->x + (int64_t)m * K;
@@ -130,7 +130,7 @@ static void prepare_avx512(bd_gemv *a) {
 
 /* Bandwidth probe: 8 interleaved sequential streams (one stream alone leaves memory parallelism
  * unused: measured 7.9 GB/s with 1 stream, 11.5 with 4-8 streams on one Sapphire Rapids core). */
-static uint64_t sum_bytes_avx512(const uint8_t *p, size_t n) {
+__attribute__((unused)) static uint64_t sum_bytes_avx512(const uint8_t *p, size_t n) {
     const size_t per = n / 8 / 256 * 256;
     __m512i s[8];
     for (int t = 0; t < 8; t++) s[t] = _mm512_setzero_si512();
