@@ -70,6 +70,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.runs is None:
         args.runs = 256 if args.interleave == "step" else 5
+    if args.plan_at == "realized" and not args.profile:
+        ap.error("--plan-at realized plans at the policies' realized bits: give --profile")
     console = Console(stderr=True)
     set_threads(args.threads)
     from bitdial import kernels
@@ -100,7 +102,7 @@ def main() -> None:
             set_bits(model, val)
 
     plan_bits = {t: t for t in targets}
-    if prof is not None and args.plan_at == "realized":  # first pass: the dynamic policies alone
+    if args.plan_at == "realized":  # first pass: the dynamic policies alone
         pre = {f"{t:g}": {"dynamic": ("dyn", t)} for t in targets}
         pt = {k: {"dynamic": []} for k in pre}
         pb = {k: {"dynamic": []} for k in pre}

@@ -469,8 +469,8 @@ def test_rule_meets_the_latency_target_through_a_competitor():
 
 def bimodal_contention(seed=0, fast=1.0, slow=2.0):
     """A slowdown that jumps between two modes in runs of 2..24 steps: a decode thread that shares its core
-    with a busy process is on or off the CPU for whole scheduler slices (benchmarks/results/
-    adaptive_control_spr.json: fixed 2 bits p50 5.9 ms, p95 11.0 ms under the competitor)."""
+    with a busy process is on or off the CPU for whole scheduler slices (on Sapphire Rapids fixed 2 bits under the
+    competitor: p50 5.9 ms, p95 11.0 ms; docs/control.md, "Threads")."""
     rng = random.Random(seed)
     modes, m = [], fast
     while len(modes) < 100_000:

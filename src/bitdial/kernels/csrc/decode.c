@@ -492,6 +492,13 @@ typedef struct {
  * scores of 16 keys at a time reduced together (hsum16), the output in registers over two interleaved
  * chains of keys. ~2x the plain loops (whose per-key lane sums and output loads/stores were the cost:
  * 20 -> 10-12 ns per head and key on Sapphire Rapids, a standalone probe, S = 33..512). */
+/* The 16 lanes whose sum is q . k for one key (q pre-scaled, nv vectors of 16). */
+static inline __m512 qk_lanes(const __m512 *qv, const float *kr, int nv) {
+    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+    for (int i = 1; i < nv; i++) a = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(kr + 16 * i), a);
+    return a;
+}
+
 static void attn_head16(bd_decoder *d, int layer, int64_t S, int h, float *sc) {
     const int hd = d->Hd, grp = d->H / d->Hk, kvh = h / grp, nv = hd / 16;
     const float *q = d->q + (size_t)h * hd;
@@ -504,22 +511,14 @@ static void attn_head16(bd_decoder *d, int layer, int64_t S, int h, float *sc) {
     int64_t s = 0;
     for (; s + 16 <= S; s += 16) {
         __m512 p[16];
-        for (int j = 0; j < 16; j++) {
-            const float *kr = kc + (s + j) * hd;
-            __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-            for (int i = 1; i < nv; i++) a = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(kr + 16 * i), a);
-            p[j] = a;
-        }
+        for (int j = 0; j < 16; j++) p[j] = qk_lanes(qv, kc + (s + j) * hd, nv);
         const __m512 r = hsum16(p); /* lane j = the score of key s + j */
         _mm512_storeu_ps(sc + s, r);
         mxv = _mm512_max_ps(mxv, r);
     }
     float mx = _mm512_reduce_max_ps(mxv);
     for (; s < S; s++) {
-        const float *kr = kc + s * hd;
-        __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-        for (int i = 1; i < nv; i++) a = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(kr + 16 * i), a);
-        sc[s] = _mm512_reduce_add_ps(a);
+        sc[s] = _mm512_reduce_add_ps(qk_lanes(qv, kc + s * hd, nv));
         if (sc[s] > mx) mx = sc[s];
     }
     for (int64_t t = 0; t < S; t++) sc[t] = exp_fast(sc[t] - mx);
