@@ -64,7 +64,9 @@ __attribute__((unused)) static int ilog2_exact(int64_t v) {
 static inline float exp_fast(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     const float t = x * 1.44269504088896341f;
-    const float nf = __builtin_floorf(t + 0.5f);
+    /* round to nearest by the 1.5 * 2^23 trick, not floorf(t + 0.5f): with trapping math (the default)
+       GCC vectorizes no floorf, and this loop must vectorize (|t| < 2^22 here) */
+    const float nf = (t + 12582912.0f) - 12582912.0f;
     const float f = (t - nf) * 0.693147180559945309f; /* in [-ln2/2, ln2/2] */
     float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720))))));
     const int32_t n = (int32_t)nf;
@@ -164,6 +166,12 @@ static void rope(float *x, const float *c, const float *s, int hd) {
         x[i] = a * c[i] - b * s[i];
         x[i + h2] = b * c[i + h2] + a * s[i + h2];
     }
+}
+
+/* g <- silu(g) * u, in place (SwiGLU). Local restrict pointers and count: -fno-strict-aliasing would
+ * otherwise reload d->F after every store, and the loop would not vectorize. */
+static void silu_mul(float *restrict g, const float *restrict u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + exp_fast(-g[i])) * u[i];
 }
 
 static double norm2(const float *x, int64_t n) { return sqrt((double)dotf(x, x, n)); }
@@ -663,10 +671,7 @@ double BD_DECODE_STEP(bd_decoder *d, int64_t token, int64_t pos, float *logits) 
             float *const ys[2] = {d->g, d->u};
             run_linears(d, BD_PART_GATE_UP, slots, ys, 2, hb);
         }
-        for (int i = 0; i < d->F; i++) {
-            const float g = d->g[i];
-            d->g[i] = g / (1.0f + exp_fast(-g)) * d->u[i];
-        }
+        silu_mul(d->g, d->u, d->F);
         {
             const int slots[1] = {base + 6};
             float *const ys[1] = {hb};
