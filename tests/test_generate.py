@@ -33,6 +33,43 @@ def test_seeded_sampling_is_reproducible_and_seed_sensitive(smol, smol_model, pr
     assert a.token_ids != c.token_ids
 
 
+def _reference_kept(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The sampling distribution by the textbook definition: full sort, top-k, then the smallest sorted prefix
+    whose mass reaches top_p, renormalized (probabilities [V], vocabulary order)."""
+    z = logits / temperature
+    if top_k:
+        z = z.masked_fill(z < torch.topk(z, top_k).values[-1], float("-inf"))
+    pr = torch.softmax(z, -1)
+    sp, si = torch.sort(pr, descending=True)
+    drop = torch.cumsum(sp, -1) - sp > top_p
+    out = torch.zeros_like(pr)
+    out[si[~drop]] = sp[~drop]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("V,scale,top_k,top_p", [
+    (300, 3.0, 0, 0.9),      # top-p inside the first 64 candidates
+    (5000, 0.2, 0, 0.9),     # nearly flat: the candidate set must grow 64 -> 256 -> ... -> 5000
+    (1000, 2.0, 40, 0.8),    # top-k, then top-p over its renormalized mass
+    (1000, 2.0, 0, 1.0),     # plain temperature sampling over the whole vocabulary
+])
+def test_sample_next_matches_the_reference_distribution(V, scale, top_k, top_p):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(V, generator=g) * scale
+    ref = _reference_kept(logits, 0.8, top_k, top_p)
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
+    n = 6000
+    counts = torch.zeros(V)
+    for _ in range(n):
+        counts[sample_next(logits, params, None, g)] += 1
+    assert counts[ref == 0].sum() == 0, "sampled a token outside the top-k / top-p set"
+    likely = ref > 0.004  # expected >= 24 draws each: every one must show up (the set is not cut short)
+    assert (counts[likely] > 0).all(), "a token of the top-k / top-p set was never drawn"
+    # each likely token's frequency within 5 binomial standard deviations of its probability
+    sd = (ref[likely] * (1 - ref[likely]) / n).sqrt()
+    assert ((counts[likely] / n - ref[likely]).abs() <= 5 * sd + 1e-3).all()
+
+
 def test_sample_next_filters():
     logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
     g = torch.Generator().manual_seed(0)
