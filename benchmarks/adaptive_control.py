@@ -346,7 +346,8 @@ def load_prompts(path: Path, tokenizer, max_tokens: int, ctx: int, limit: int) -
 
 
 # ---------------------------------------------------------------------------------------------- runs
-COLS = ("t", "req", "step", "ms", "target", "bits", "head", "comp", "cpu", "other", "prior", "temp", "batt", "hook_ms")
+COLS = ("t", "req", "step", "ms", "target", "bits", "head", "threads", "comp", "cpu", "other", "prior", "temp", "batt",
+        "hook_ms")
 
 
 class Run:
@@ -428,6 +429,7 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
                 c["target"].append(ran_at)
                 c["bits"].append(round(info.bits, 4) if info.bits == info.bits else None)
                 c["head"].append(head_width)  # the output head's width in this step (--head-bits)
+                c["threads"].append(session.threads or threads)  # the kernel threads this step ran on
                 c["comp"].append(int(sched.on))
                 c["cpu"].append(None if st.cpu_util is None else round(st.cpu_util, 3))
                 oc = st.other_cpu_cores
@@ -496,6 +498,13 @@ def summarize(run: Run, max_ms: float | None) -> dict[str, Any]:
             d["head_bits"] = _mean([c["head"][k] for k in ks])
             d["ms_p50"], d["ms_p95"], d["ms_p99"] = _q(ms, 0.5), _q(ms, 0.95), _q(ms, 0.99)
             d["tokens_per_s"] = 1e3 / statistics.fmean(ms)
+            by: dict[str, Any] = {}  # per (threads, target): where the misses are
+            for key in sorted({(c["threads"][k], c["target"][k]) for k in ks}, key=lambda x: (x[0] or 0, x[1] or 0)):
+                sel = [c["ms"][k] for k in ks if (c["threads"][k], c["target"][k]) == key]
+                by[f"{key[0]} thr @ {_fmt_t(key[1])}"] = {
+                    "tokens": len(sel), "ms_p50": _q(sel, 0.5),
+                    "within": sum(m <= max_ms for m in sel) / len(sel) if max_ms else None}
+            d["by_threads_target"] = by
         out[g] = d
     tg = [c["target"][k] for k in idx]
     out["target_switches"] = sum(1 for a, b in itertools.pairwise(tg) if a != b)  # across requests too
