@@ -25,6 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 import bitdial  # noqa: F401  (before torch: sets its OpenMP wait policy, docs/kernels.md "Threads")
 import torch
 from rich.console import Console
@@ -75,7 +77,7 @@ def profile(model, steps: int, runs: int) -> dict:
             fused.stats()
             t = time.perf_counter()
             for i in range(steps):
-                tok = int(torch.argmax(logits))
+                tok = int(np.argmax(logits.numpy()))  # as generation picks greedily
                 logits = model(torch.tensor([[tok]]), 16 + i)[0, -1]
             wall = (time.perf_counter() - t) / steps * 1e3
             s = fused.stats()
