@@ -28,7 +28,11 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CSRC = os.path.join("src", "bitdial", "kernels", "csrc")
-COMMON_FLAGS = ["-O3", "-g0", "-std=c11", "-fno-strict-aliasing", "-D_GNU_SOURCE", "-Wall"]
+# -fno-trapping-math: the fused step's float loops (SwiGLU, softmax: exp_fast's clamp) vectorize in every build,
+# not only with AVX-512 (nothing here uses floating-point traps); -ffp-contract=off: no implicit FMA contraction,
+# so the plain, AVX2 and AVX-512 builds give the same bits (-std=c11 implies it for gcc, not for clang)
+COMMON_FLAGS = ["-O3", "-g0", "-std=c11", "-fno-strict-aliasing", "-fno-trapping-math", "-ffp-contract=off",
+                "-D_GNU_SOURCE", "-Wall"]
 
 
 def _machine() -> str:

@@ -8,8 +8,9 @@
 On a shared VM the speed of a configuration moves by up to 2x within minutes, so two builds timed one
 after the other cannot be compared. This loads both libraries into one process (two copies of the
 extension module under different names), builds one token's stack of matrices, and in every round runs
-a full pass of A, then of B, at each width. Each round gives a ratio B/A; the median ratio over the rounds
-is the figure to quote (slow phases of the host hit both builds of a round alike).
+a full pass of A and one of B at each width (A first in odd rounds, B first in even ones). Each round
+gives a ratio B/A; the median ratio over the rounds is the figure to quote (slow phases of the host hit
+both builds of a round alike).
 
 ``--shapes 1b``: ``--copies`` layers of Llama-3.2-1B shapes (q, k, v, o, gate, up, down; K = 2048 and
 8192), 113 MB of planes per layer at 8 bits: DRAM-resident. ``--shapes smol``: ``--copies`` layers of the
@@ -114,8 +115,9 @@ def main() -> None:
         nbytes = {k: sum(k * N * ((K + 7) // 8) + 4 * N * ((K + 63) // 64) for *_, N, K, _ in mats) for k in ks}
         times: dict[str, dict[int, list[float]]] = {"a": {k: [] for k in ks}, "b": {k: [] for k in ks}}
         for r in range(a.rounds):
+            order = list(zip("ab", mods)) if r % 2 else list(zip("ba", mods[::-1]))  # ABBA: no fixed order
             for k in ks:
-                for tag, m in zip("ab", mods):
+                for tag, m in order:
                     t = one_pass(m, mats, k)
                     if r:
                         times[tag][k].append(t)
@@ -123,9 +125,10 @@ def main() -> None:
     for k in ks:
         ta, tb = times["a"][k], times["b"][k]
         ratios = [y / x for x, y in zip(ta, tb)]
-        rows.append({"k": k, "bytes": nbytes[k], "a_ms": statistics.median(ta) * 1e3, "b_ms": statistics.median(tb) * 1e3,
-                     "a_gbs": nbytes[k] / statistics.median(ta) / 1e9, "b_gbs": nbytes[k] / statistics.median(tb) / 1e9,
-                     "ratio_b_over_a": statistics.median(ratios), "ratios": ratios, "a_times_s": ta, "b_times_s": tb})
+        ma, mb = statistics.median(ta), statistics.median(tb)
+        rows.append({"k": k, "bytes": nbytes[k], "a_ms": ma * 1e3, "b_ms": mb * 1e3, "a_gbs": nbytes[k] / ma / 1e9,
+                     "b_gbs": nbytes[k] / mb / 1e9, "ratio_b_over_a": statistics.median(ratios), "ratios": ratios,
+                     "a_times_s": ta, "b_times_s": tb})
     t = Table(title=f"A/B, {a.shapes} shapes x {copies} layers, {a.threads} threads, {a.rounds - 1} rounds")
     for c in ("k", "MB", "A ms", "B ms", "A GB/s", "B GB/s", "B/A (median of rounds)", "rounds B < A"):
         t.add_column(c, justify="right")

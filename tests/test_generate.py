@@ -49,7 +49,7 @@ def _reference_kept(logits: torch.Tensor, temperature: float, top_k: int, top_p:
 
 @pytest.mark.parametrize("V,scale,top_k,top_p", [
     (300, 3.0, 0, 0.9),      # top-p inside the first 64 candidates
-    (5000, 0.2, 0, 0.9),     # nearly flat: the candidate set must grow 64 -> 256 -> ... -> 5000
+    (5000, 0.2, 0, 0.9),     # nearly flat: the 64-token head holds too little, the whole vocabulary is sorted
     (1000, 2.0, 40, 0.8),    # top-k, then top-p over its renormalized mass
     (1000, 2.0, 0, 1.0),     # plain temperature sampling over the whole vocabulary
 ])
@@ -63,11 +63,30 @@ def test_sample_next_matches_the_reference_distribution(V, scale, top_k, top_p):
     for _ in range(n):
         counts[sample_next(logits, params, None, g)] += 1
     assert counts[ref == 0].sum() == 0, "sampled a token outside the top-k / top-p set"
+    # mass outside the 64 most likely tokens, drawn as often as the reference says (a sampler that kept only
+    # a 64-token head would draw none there)
+    head = torch.topk(ref, min(64, V)).indices
+    outside = max(0.0, 1.0 - float(ref[head].sum()))
+    drawn_outside = 1.0 - float(counts[head].sum()) / n
+    assert abs(drawn_outside - outside) <= 5 * (outside * (1 - outside) / n) ** 0.5 + 1e-3
     likely = ref > 0.004  # expected >= 24 draws each: every one must show up (the set is not cut short)
     assert (counts[likely] > 0).all(), "a token of the top-k / top-p set was never drawn"
     # each likely token's frequency within 5 binomial standard deviations of its probability
     sd = (ref[likely] * (1 - ref[likely]) / n).sqrt()
     assert ((counts[likely] / n - ref[likely]).abs() <= 5 * sd + 1e-3).all()
+
+
+def test_sample_next_edge_cases():
+    g = torch.Generator().manual_seed(0)
+    # a tiny temperature is greedy, not a division overflow
+    assert sample_next(torch.tensor([0.0, 30.0, 29.0]), SamplingParams(temperature=1e-38), None, g) == 1
+    # logits that need grad (a caller outside inference mode) are fine, greedy and sampled
+    x = torch.tensor([0.0, 3.0, 1.0], requires_grad=True)
+    assert sample_next(x, SamplingParams(), None, g) == 1
+    assert sample_next(x, SamplingParams(temperature=1.0, top_p=0.5), None, g) == 1
+    for bad in (torch.tensor([float("nan"), 1.0]), torch.full((4,), float("-inf"))):
+        with pytest.raises(ValueError, match="no probability distribution"):
+            sample_next(bad, SamplingParams(temperature=1.0), None, g)
 
 
 def test_sample_next_filters():

@@ -87,12 +87,14 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, history: torch.Tensor |
                 gen: torch.Generator | None) -> int:
     """Pick one token from logits [V]. ``history`` holds the ids seen so far (for the penalty).
 
-    Top-k and top-p work on a sorted ``topk`` of the candidates (top-p on the 64 most likely tokens, and on a
-    numpy sort of the whole vocabulary only when those hold less than ``top_p``), and the draw is one uniform
-    number mapped through the kept tokens' cumulative probabilities. A full torch sort and ``torch.multinomial``
-    over 49152 logits took ~6.5 ms per token on one core, more than a decode step (docs/serving.md).
+    Top-k keeps exactly ``top_k`` tokens (ties at the k-th logit broken by ``torch.topk``). Top-k and top-p
+    work on a sorted ``topk`` of the candidates (top-p on the 64 most likely tokens, and on a numpy sort of
+    the whole vocabulary only when those hold less than ``top_p``), and the draw is one uniform number mapped
+    through the kept tokens' cumulative probabilities (in float64, so rare tokens keep their chance). A full
+    torch sort and ``torch.multinomial`` over 49152 logits took ~6.5 ms per token on one core, more than a
+    decode step (docs/serving.md). Logits that give no distribution (NaN, all -inf) raise ValueError.
     """
-    logits = logits.float()
+    logits = logits.detach().float()
     if p.repetition_penalty != 1.0 and history is not None and history.numel():
         seen = torch.unique(history)
         vals = logits[seen]
@@ -100,14 +102,14 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, history: torch.Tensor |
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if p.temperature == 0:  # numpy's argmax: 8 us for 49152 logits against torch's 120 us (one thread)
         return int(np.argmax(logits.numpy()))
-    logits = logits / p.temperature
-    V = logits.numel()
+    z = (logits - logits.max()) / p.temperature  # shifted first: a tiny temperature gives -inf, never inf - inf
+    V = z.numel()
     if p.top_k and p.top_k < V:  # the k largest logits, sorted; probabilities renormalized over them
-        vals, idx = torch.topk(logits, p.top_k)
+        vals, idx = torch.topk(z, p.top_k)
         probs = torch.softmax(vals, dim=-1)
     else:
         idx = None
-        probs = torch.softmax(logits, dim=-1)  # [V], vocabulary order
+        probs = torch.softmax(z, dim=-1)  # [V], vocabulary order
     if p.top_p < 1.0:
         if idx is None:  # a sorted head of the distribution that holds at least top_p of the mass
             top, top_idx = torch.topk(probs, min(V, _TOP_P_FIRST))
@@ -116,10 +118,14 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, history: torch.Tensor |
                 top = probs[top_idx]
             probs, idx = top, top_idx
         cum = torch.cumsum(probs, dim=-1)
-        keep = int((cum - probs <= p.top_p).sum())  # the smallest sorted prefix whose mass reaches top_p
+        keep = max(1, int((cum - probs <= p.top_p).sum()))  # the smallest sorted prefix reaching top_p
         probs, idx = probs[:keep], idx[:keep]
-    cum = torch.cumsum(probs, dim=-1)
-    u = torch.rand((), generator=gen) * cum[-1]
+    cum = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    total = float(cum[-1])
+    if not 0.0 < total < float("inf"):
+        raise ValueError("the logits give no probability distribution (NaN or all -inf): the model's output is "
+                         "broken; check the model file or artifact")
+    u = torch.rand((), dtype=torch.float64, generator=gen) * total
     j = min(int(torch.searchsorted(cum, u, right=True)), cum.numel() - 1)
     return int(idx[j]) if idx is not None else j
 

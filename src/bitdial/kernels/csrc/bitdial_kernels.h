@@ -146,7 +146,7 @@ static inline uint64_t bd_load_partial(const uint8_t *p, int n) {
 #define BD_PREFETCH_BYTES 1024
 #endif
 /* Rows shorter than this many bytes per plane (K < 2048) are not prefetched. On Sapphire Rapids the default
- * model (K = 576 and 1536) decoded 13% faster at 2 bits without them (step time, 2 threads, median of 10
+ * model (K = 576 and 1536) took 13% less step time at 2 bits without them (2 threads, median of 10
  * interleaved rounds) and the same at 4 bits, while the Llama-3.2-1B shapes (K >= 2048) kept their gain
  * (docs/kernels.md, "Software prefetch"). */
 #ifndef BD_PREFETCH_MIN_RB
