@@ -117,10 +117,10 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, history: torch.Tensor |
                 top_idx = torch.from_numpy(np.argsort(-probs.numpy()))
                 top = probs[top_idx]
             probs, idx = top, top_idx
-        cum = torch.cumsum(probs, dim=-1)
+    cum = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # one sum serves the top-p cut and the draw
+    if p.top_p < 1.0:
         keep = max(1, int((cum - probs <= p.top_p).sum()))  # the smallest sorted prefix reaching top_p
-        probs, idx = probs[:keep], idx[:keep]
-    cum = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+        cum, idx = cum[:keep], idx[:keep]
     total = float(cum[-1])
     if not 0.0 < total < float("inf"):
         raise ValueError("the logits give no probability distribution (NaN or all -inf): the model's output is "
