@@ -14,8 +14,8 @@ both builds of a round alike).
 
 ``--shapes 1b``: ``--copies`` layers of Llama-3.2-1B shapes (q, k, v, o, gate, up, down; K = 2048 and
 8192), 113 MB of planes per layer at 8 bits: DRAM-resident. ``--shapes smol``: ``--copies`` layers of the
-default model's shapes (K = 576 and 1536). Random 8-bit planes, fp16 scales and offsets, group 64 (as
-``bandwidth.py`` builds them); the first round is a warm-up and is not counted. Prints a table and writes
+default model's shapes (K = 576 and 1536). Random 8-bit planes, fp16 scales and offsets, group 64
+(``bandwidth.random_qtensor``); the first round is a warm-up and is not counted. Prints a table and writes
 JSON (per-round times and ratios).
 """
 
@@ -36,9 +36,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bandwidth import LAYER_SHAPES as BANDWIDTH_LAYER
+from bandwidth import random_qtensor
+from bitdial.kernels import plane_stride
+
 ROOT = Path(__file__).resolve().parent
 LAYER_SHAPES = {  # (N, K) of q, k, v, o, gate, up, down
-    "1b": [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192)],
+    "1b": [(N, K) for _, N, K in BANDWIDTH_LAYER],
     "smol": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)],
 }
 
@@ -59,33 +63,22 @@ def load_copy(path: str, tag: str, tmp: Path):
 
 
 def build_stack(shapes: list[tuple[int, int]], seed: int = 0) -> list[tuple]:
+    """(qt, x, y, plane stride) per matrix: bandwidth.py's random 8-bit planes, group 64."""
     g = torch.Generator().manual_seed(seed)
     pool = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8, generator=g)  # random plane bytes, reused
-    mats, off = [], 0
+    mats = []
     for N, K in shapes:
-        RB = (K + 7) // 8
-        n = 8 * N * RB
-        planes = torch.empty(n, dtype=torch.uint8)
-        done = 0
-        while done < n:
-            take = min(n - done, pool.numel() - off)
-            planes[done:done + take] = pool[off:off + take]
-            done += take
-            off = (off + take) % (pool.numel() - 4096)
-        ng = (K + 63) // 64
-        scales = (torch.rand(N, ng, generator=g) * 0.01 + 0.001).half()
-        offsets = (torch.rand(N, ng, generator=g) * -0.1).half()
-        x = torch.randn(1, K, generator=g)
-        y = torch.empty(1, N)
-        mats.append((planes, scales, offsets, x, y, N, K, N * RB))
+        qt = random_qtensor(N, K, 8, 64, pool, g)
+        mats.append((qt, torch.randn(1, K, generator=g), torch.empty(1, N), plane_stride(qt)))
     return mats
 
 
 def one_pass(mod, mats: list[tuple], k: int) -> float:
     t0 = time.perf_counter()
-    for planes, scales, offsets, x, y, N, K, ps in mats:
-        mod.gemv(planes.data_ptr(), scales.data_ptr(), offsets.data_ptr(), x.data_ptr(), y.data_ptr(), N, K, 64, 8, k,
-                 1, -1, ps)
+    for qt, x, y, ps in mats:
+        N, K = qt.shape
+        mod.gemv(qt.planes.data_ptr(), qt.scales.data_ptr(), qt.offsets.data_ptr(), x.data_ptr(), y.data_ptr(), N, K,
+                 qt.group_size, qt.max_bits, k, 1, -1, ps)
     return time.perf_counter() - t0
 
 
@@ -112,7 +105,7 @@ def main() -> None:
         for m in mods:
             m.set_threads(a.threads)
         mats = build_stack(LAYER_SHAPES[a.shapes] * copies)
-        nbytes = {k: sum(k * N * ((K + 7) // 8) + 4 * N * ((K + 63) // 64) for *_, N, K, _ in mats) for k in ks}
+        nbytes = {k: sum(qt.bytes_read(k) for qt, *_ in mats) for k in ks}
         times: dict[str, dict[int, list[float]]] = {"a": {k: [] for k in ks}, "b": {k: [] for k in ks}}
         for r in range(a.rounds):
             order = list(zip("ab", mods)) if r % 2 else list(zip("ba", mods[::-1]))  # ABBA: no fixed order

@@ -26,8 +26,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 import bitdial  # noqa: F401  (before torch: sets its OpenMP wait policy, docs/kernels.md "Threads")
 import torch
 from rich.console import Console
@@ -36,8 +34,10 @@ from rich.table import Table
 import bitdial.kernels as BK
 from bitdial.artifact import open_artifact
 from bitdial.runtime.anyprec import build_model
+from bitdial.runtime.generate import SamplingParams, sample_next
 
 ROOT = Path(__file__).resolve().parent
+GREEDY = SamplingParams()  # temperature 0
 LLAMA_FTYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
                 "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
 console = Console(stderr=True)
@@ -62,7 +62,7 @@ def time_bitdial(model, new: int, pp: int, runs: int, vocab: int) -> tuple[float
                 fused.stats()
             t = time.perf_counter()
             for i in range(new):
-                tok = int(np.argmax(logits.numpy()))  # as generation picks greedily (8 us, torch's takes 120)
+                tok = sample_next(logits, GREEDY, None, None)  # as generation picks greedily
                 logits = model(torch.tensor([[tok]]), 16 + i)[0, -1]
             dt = time.perf_counter() - t
             if fused is not None:

@@ -25,8 +25,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 import bitdial  # noqa: F401  (before torch: sets its OpenMP wait policy, docs/kernels.md "Threads")
 import torch
 from rich.console import Console
@@ -36,9 +34,11 @@ import bitdial.kernels as BK
 from bitdial.artifact import open_artifact
 from bitdial.runtime.anyprec import build_model
 from bitdial.runtime.fused import PARTS
+from bitdial.runtime.generate import SamplingParams, sample_next
 from bandwidth import probe_bandwidth
 
 ROOT = Path(__file__).resolve().parent
+GREEDY = SamplingParams()  # temperature 0
 console = Console(stderr=True)
 
 
@@ -77,7 +77,7 @@ def profile(model, steps: int, runs: int) -> dict:
             fused.stats()
             t = time.perf_counter()
             for i in range(steps):
-                tok = int(np.argmax(logits.numpy()))  # as generation picks greedily
+                tok = sample_next(logits, GREEDY, None, None)  # as generation picks greedily
                 logits = model(torch.tensor([[tok]]), 16 + i)[0, -1]
             wall = (time.perf_counter() - t) / steps * 1e3
             s = fused.stats()
