@@ -375,7 +375,8 @@ def test_import_sets_a_passive_omp_wait_policy():
     import subprocess
     import sys
 
-    code = "import os, {first}, {second}; print(os.environ.get('OMP_WAIT_POLICY'))"
+    code = ("import os, {first}, {second}; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), bitdial.OMP_WAIT_POLICY_SET_BY_BITDIAL)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
 
     def policy(first: str, second: str, **extra: str) -> str:
@@ -383,6 +384,7 @@ def test_import_sets_a_passive_omp_wait_policy():
                              capture_output=True, text=True, check=True)
         return out.stdout.strip()
 
-    assert policy("bitdial", "torch") == "PASSIVE"
-    assert policy("bitdial", "torch", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    assert policy("torch", "bitdial") == "None"
+    # the flag tells child processes (benchmarks/e2e.py's llama-bench) whether the user chose the policy
+    assert policy("bitdial", "torch") == "PASSIVE True"
+    assert policy("bitdial", "torch", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE False"
+    assert policy("torch", "bitdial") == "None False"

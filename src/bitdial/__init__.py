@@ -11,5 +11,8 @@ import sys as _sys
 # adaptive_control_zen4*.json). PASSIVE sleeps at once; prefill measured faster with it, idle too
 # (docs/kernels.md, "Threads"). Only a default: an OMP_WAIT_POLICY the user set wins, and nothing changes
 # if torch was imported before bitdial.
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The variable is inherited by child processes: ``OMP_WAIT_POLICY_SET_BY_BITDIAL`` tells whoever starts
+# another OpenMP program (benchmarks/e2e.py runs llama-bench) that it was not the user's choice.
+OMP_WAIT_POLICY_SET_BY_BITDIAL = "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ
+if OMP_WAIT_POLICY_SET_BY_BITDIAL:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
