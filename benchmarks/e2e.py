@@ -125,6 +125,7 @@ def llama_quantized(src: Path, kind: str, work: Path, bin_dir: Path | None = Non
         r = subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(src), str(tmp), kind, "2"],
                            capture_output=True, text=True, env=llama_env())
         if r.returncode != 0:
+            tmp.unlink(missing_ok=True)
             raise RuntimeError(f"llama-quantize could not make {kind} from {src} (rc {r.returncode}): "
                                f"{r.stderr.strip()[-300:]}")
         os.replace(tmp, out)
