@@ -110,13 +110,12 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, history: torch.Tensor |
     else:
         idx = None
         probs = torch.softmax(z, dim=-1)  # [V], vocabulary order
-    if p.top_p < 1.0:
-        if idx is None:  # a sorted head of the distribution that holds at least top_p of the mass
-            top, top_idx = torch.topk(probs, min(V, _TOP_P_FIRST))
-            if float(top.sum()) < p.top_p:  # a flat distribution: sort it all (numpy's sort is ~4x torch's)
-                top_idx = torch.from_numpy(np.argsort(-probs.numpy()))
-                top = probs[top_idx]
-            probs, idx = top, top_idx
+    if p.top_p < 1.0 and idx is None:  # a sorted head of the distribution that holds at least top_p of the mass
+        top, idx = torch.topk(probs, min(V, _TOP_P_FIRST))
+        if float(top.sum()) < p.top_p:  # a flat distribution: sort it all (numpy's sort is ~4x torch's)
+            idx = torch.from_numpy(np.argsort(-probs.numpy()))
+            top = probs[idx]
+        probs = top
     cum = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # one sum serves the top-p cut and the draw
     if p.top_p < 1.0:
         keep = max(1, int((cum - probs <= p.top_p).sum()))  # the smallest sorted prefix reaching top_p
