@@ -154,7 +154,8 @@ def test_write_is_atomic_on_failure(tmp_path, tiny, monkeypatch):
 
 def test_bad_settings_are_clear_errors(tmp_path, tiny):
     for s, msg in ((QuantSettings(max_bits=9), "max-bits"), (QuantSettings(group_size=48), "group-size"),
-                   (QuantSettings(method="gptq"), "method"), (QuantSettings(overrides={"*": 1}), "override")):
+                   (QuantSettings(method="gptq"), "method"), (QuantSettings(overrides={"*": 1}), "override"),
+                   (QuantSettings(saliency=-1.0), "saliency"), (QuantSettings(saliency=float("inf")), "saliency")):
         with pytest.raises(BitdialError, match=msg):
             write_artifact(tiny, tmp_path / "x.bitdial", s, progress=False)
     with pytest.raises(BitdialError, match="end in .bitdial"):

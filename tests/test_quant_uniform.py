@@ -103,15 +103,54 @@ def test_error_decreases_with_k_and_nested_low_bits_beat_rtn():
 
 
 def test_search_beats_none_on_low_bits():
+    # at G = 64 the default search minimizes the plain squared error these sums measure (saliency 0)
     W = heavy(48, 256, seed=4)
     none = quantize_uniform(W, clip="none")
     low = quantize_uniform(W, bit_weights={2: 1.0, 3: 1.0, 4: 1.0})
     assert sum(err(low, W, k) for k in (2, 3, 4)) < 0.99 * sum(err(none, W, k) for k in (2, 3, 4))
-    # the default objective trades nothing at 2..5 bits and gains overall
+    # the default view weights trade nothing at 2..5 bits and gain overall
     dflt = quantize_uniform(W)
     ratios = [err(dflt, W, k) / err(none, W, k) for k in range(2, 9)]
     assert all(r < 1.0 for r in ratios[:4]), ratios
     assert sum(ratios) < 0.98 * len(ratios), ratios
+
+
+def saliency_weights(W, G, alpha):
+    Wg = W.reshape(W.shape[0], -1, G)
+    return (1 + alpha * Wg ** 2 / (Wg ** 2).mean(dim=2, keepdim=True)).reshape(W.shape)
+
+
+def test_saliency_weights_the_large_weights():
+    W = heavy(64, 256, seed=11)
+    plain = quantize_uniform(W, saliency=0)
+    dflt = quantize_uniform(W, saliency=2.0)
+    # the default: SALIENCY from 128 columns up, plain squared error below
+    assert torch.equal(quantize_uniform(W).offsets, plain.offsets)
+    assert torch.equal(quantize_uniform(W, group_size=128).offsets, quantize_uniform(W, group_size=128, saliency=2).offsets)
+    assert not torch.equal(quantize_uniform(W, group_size=128).offsets,
+                           quantize_uniform(W, group_size=128, saliency=0).offsets)
+    assert not torch.equal(plain.offsets, dflt.offsets)  # it changes the chosen ranges
+    # the search lowers what it optimizes: the saliency-weighted error, summed over the weighted views
+    sw = saliency_weights(W, 64, 2.0)
+    bw = {k: 1.5 ** (8 - k) for k in range(2, 9)}
+    rel = [err(dflt, W, k, sw) / err(plain, W, k, sw) for k in range(2, 9)]
+    assert sum(bw[k] * r for k, r in zip(range(2, 9), rel)) < sum(bw.values()), rel
+    # and so the error on each group's largest weight (by magnitude) at 3..6 bits
+    Wg = W.reshape(64, -1, 64)
+    top = torch.zeros_like(Wg).scatter_(2, Wg.abs().argmax(dim=2, keepdim=True), 1.0).reshape(W.shape)
+    for k in (3, 4, 5, 6):
+        assert err(dflt, W, k, top) < err(plain, W, k, top), k
+    # a larger saliency weighs the large weights more
+    assert err(quantize_uniform(W, saliency=8), W, 4, top) < err(plain, W, 4, top)
+    # a partial last group: the rms is over its real columns only (the padding repeats the last column)
+    tail = W[:, 254:]  # 2 columns
+    a = quantize_uniform(W[:, 126:], group_size=128, saliency=2)  # 130 columns: group 1 = 2 real + 126 padding
+    b = quantize_uniform(tail, group_size=8, saliency=2)  # 2 real + 6 padding
+    assert torch.equal(a.offsets[:, 1], b.offsets[:, 0]) and torch.equal(a.scales[:, 1], b.scales[:, 0])
+    # importance replaces the proxy; clip="none" ignores it
+    imp = torch.rand(256, generator=torch.Generator().manual_seed(12)) + 0.5
+    assert torch.equal(quantize_uniform(W, importance=imp).offsets, quantize_uniform(W, importance=imp, saliency=0).offsets)
+    assert torch.equal(quantize_uniform(W, clip="none", saliency=5).planes, quantize_uniform(W, clip="none").planes)
 
 
 def test_importance_reduces_weighted_error():
@@ -176,7 +215,8 @@ def test_serialization_round_trip(tmp_path):
 def test_bad_arguments():
     W = heavy(2, 16, seed=10)
     for kwargs in ({"group_size": 48}, {"max_bits": 9}, {"clip": "mse"}, {"bit_weights": {9: 1.0}},
-                   {"importance": torch.ones(15)}, {"importance": -torch.ones(16)}):
+                   {"importance": torch.ones(15)}, {"importance": -torch.ones(16)}, {"saliency": -1.0},
+                   {"saliency": float("nan")}):
         with pytest.raises(ValueError):
             quantize_uniform(W, **kwargs)
     with pytest.raises(ValueError):

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class QuantSettings:
     max_bits: int = 8
     group_size: int = 64
     clip: str = "search"  # "search" | "none"
+    saliency: float | None = None  # weight of large weights in the search (quant.uniform); None = by group size
     overrides: dict[str, int] = field(default_factory=dict)  # {module pattern: max bits}
     calib: str | None = None  # calibration text file (importance weighting), recorded for provenance
 
@@ -49,6 +50,8 @@ class QuantSettings:
             raise BitdialError(f"--max-bits must be in 2..8, got {self.max_bits}")
         if self.group_size < 8 or self.group_size & (self.group_size - 1):
             raise BitdialError(f"--group-size must be a power of two >= 8 (32, 64, 128), got {self.group_size}")
+        if self.saliency is not None and not (math.isfinite(self.saliency) and self.saliency >= 0):
+            raise BitdialError(f"--saliency must be a number >= 0 (0 turns it off), got {self.saliency}")
         for pat, b in self.overrides.items():
             if not 2 <= int(b) <= 8:
                 raise BitdialError(f"--override {pat}={b}: bits must be in 2..8")
@@ -97,11 +100,12 @@ def _module_tensor_specs(mod: str, method: str, B: int, G: int, N: int, K: int) 
 
 
 def quantize_tensor(W: torch.Tensor, method: str, max_bits: int, group_size: int, clip: str,
-                    importance: torch.Tensor | None):
+                    importance: torch.Tensor | None, saliency: float | None = None):
     if method == "uniform":
         from bitdial.quant.uniform import quantize_uniform
 
-        return quantize_uniform(W, max_bits=max_bits, group_size=group_size, clip=clip, importance=importance)
+        return quantize_uniform(W, max_bits=max_bits, group_size=group_size, clip=clip, importance=importance,
+                                saliency=saliency)
     from bitdial.quant.nonuniform import quantize_nonuniform
 
     return quantize_nonuniform(W, max_bits=max_bits, importance=importance)
@@ -112,6 +116,10 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
                    source_hash: bool = True) -> dict[str, Any]:
     """Quantize ``model`` into ``out`` (atomically). Returns a summary (sizes, bits per weight)."""
     settings.validate()
+    if settings.saliency is None:  # record the value the search used, not "default"
+        from bitdial.quant.uniform import default_saliency
+
+        settings = replace(settings, saliency=default_saliency(settings.group_size))
     out = Path(out)
     if out.suffix != ".bitdial":
         raise BitdialError(f"output {out} should end in .bitdial")
@@ -207,7 +215,8 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
                 m = modules[mod]
                 W = model.tensors[f"{mod}.weight"]
                 imp = importance.get(mod) if importance else None
-                qt = quantize_tensor(W, m["method"], m["max_bits"], settings.group_size, settings.clip, imp)
+                qt = quantize_tensor(W, m["method"], m["max_bits"], settings.group_size, settings.clip, imp,
+                                     settings.saliency)
                 for name, t in qt.to_tensors(mod).items():
                     put(name, t)
                 stats["weights"] += W.numel()

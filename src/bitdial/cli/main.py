@@ -208,7 +208,9 @@ def _artifact_info(path: str, json_out: bool, verify: bool) -> None:
         t.add_row("architecture", f"{m['config']['arch']}, {m['config']['n_layers']} layers")
         q = m["quant"]
         t.add_row("quantization", f"{q['method']}, max {q['max_bits']} bits, group {q['group_size']}, "
-                  f"clip {q['clip']}" + (f", calib {q['calib']}" if q.get("calib") else ""))
+                  f"clip {q['clip']}" + (f", saliency {q['saliency']:g}" if q.get("saliency") is not None
+                                          and q["clip"] == "search" and not q.get("calib") else "")
+                  + (f", calib {q['calib']}" if q.get("calib") else ""))
         if q.get("overrides"):
             t.add_row("overrides", ", ".join(f"{k}={v}" for k, v in q["overrides"].items()))
         t.add_row("file", f"{art.file_bytes / 2**20:.1f} MiB, {data['bits_per_weight_file']:.3f} bits/weight")
@@ -309,6 +311,7 @@ def quantize(
     group_size: int = typer.Option(64, "--group-size", "-g", help="Input columns per scale/offset group (32, 64, 128)."),
     method: str = typer.Option("uniform", "--method", help="uniform (nested, default) or nonuniform (per-row LUTs)."),
     clip: str = typer.Option("search", "--clip", help="search: pick each group's range for all widths at once; none: min/max."),
+    saliency: Optional[float] = typer.Option(None, "--saliency", help="Without --calib, the search weighs each weight's error by 1 + S*(w/rms of its group)^2; 0: plain squared error; default 2 at --group-size 128 and above, else 0."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: weight errors by activation importance."),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Tokens of --calib to run."),
     override: list[str] = typer.Option([], "--override", help="PATTERN=BITS: a different maximum for matching modules (repeatable)."),
@@ -332,7 +335,7 @@ def quantize(
                 raise BitdialError(f"--override {o!r}: expected PATTERN=BITS, e.g. 'lm_head=8' or '*.mlp.down_proj=6'")
             overrides[pat] = int(b)
         settings = QuantSettings(method=method, max_bits=max_bits, group_size=group_size, clip=clip,
-                                 overrides=overrides, calib=str(calib) if calib else None)
+                                 saliency=saliency, overrides=overrides, calib=str(calib) if calib else None)
         settings.validate()
         model = load_model(src)
         importance = None

@@ -1,0 +1,120 @@
+"""KL divergence of variants of the clipping search's saliency weighting (docs/bitplanes.md, section 8).
+
+    python benchmarks/quality_saliency.py --group-size 128 --bits 3,5,7,8 --variant sal=2:maxk=5 \\
+        [--windows 32] [--out benchmarks/results/quality_saliency.json]
+
+The setting of `benchmarks/quality.py --dither 1`: SmolLM2-135M with its linear weights moved off the Q4_1 grid
+(seed 1), WikiText-2 validation, context 512, KL against that model. Every linear is quantized at B = 8 with
+the multi-view search (`quantize_uniform(clip="search")`) and one search variant, then read at each k:
+
+* ``sal=A``: the squared error of every weight counts ``1 + A (w / rms_g)^2`` in every view's error
+  (``quantize_uniform(saliency=A)``; A = 0 is the plain squared error);
+* ``:maxk=K``: the saliency weights only in the errors of views k <= K, plain squared error above;
+* ``:wK=X``: view K's weight in the objective is X instead of 1.5 ** (8 - K).
+
+Prints one line per k and appends rows to ``--out`` (JSON list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import bitdial  # noqa: F401  (before torch: sets its OpenMP wait policy)
+import torch
+from rich.console import Console
+
+import bitdial.quant.uniform as U
+from bitdial.eval import kl_divergence, load_or_build_reference, model_logits_fn
+from bitdial.loading import load_model
+from bitdial.model.llama import Transformer
+from quality import DATA, dither_off_grid
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_variant(spec: str) -> tuple[float, int, dict[int, float]]:
+    opts = dict(x.split("=", 1) for x in spec.split(":") if x)
+    unknown = [k for k in opts if k not in ("sal", "maxk") and not (k[:1] == "w" and k[1:].isdigit())]
+    if unknown:
+        raise SystemExit(f"--variant {spec!r}: unknown keys {unknown} (use sal=A, maxk=K, wK=X)")
+    weights = U.default_bit_weights(8)
+    for k, v in opts.items():
+        if k[:1] == "w" and k[1:].isdigit():
+            weights[int(k[1:])] = float(v)
+    return float(opts.get("sal", 0.0)), int(opts.get("maxk", 8)), weights
+
+
+def search_ranges(alpha: float, maxk: int):
+    """A replacement for ``uniform._search_ranges`` with saliency on views <= maxk only (relative objective);
+    with every view salient it is the library's search with saliency weights."""
+    library = U._search_ranges
+
+    def ranges(Wg, wgt, max_bits, bit_weights, objective, factors=U.CLIP_CANDIDATES):
+        if maxk >= max_bits:
+            return library(Wg, U._saliency_weights(Wg, wgt, alpha) if alpha else wgt, max_bits, bit_weights,
+                           objective, factors)
+        views = sorted(bit_weights)
+        bw = torch.tensor([float(bit_weights[k]) for k in views]).view(1, -1, 1)  # [1, V, 1]
+        sw = U._saliency_weights(Wg, wgt, alpha) if alpha else wgt  # [M, G]
+        low, high = [k for k in views if k <= maxk], [k for k in views if k > maxk]
+        lo_out, hi_out = torch.empty(Wg.shape[0]), torch.empty(Wg.shape[0])
+        for a in range(0, Wg.shape[0], U._SEARCH_GROUPS):
+            b = min(Wg.shape[0], a + U._SEARCH_GROUPS)
+            W_ = Wg[a:b]
+            LO, HI = U.clip_candidates(W_.min(dim=1).values, W_.max(dim=1).values, factors)  # [C, m]
+            parts = []
+            if low:
+                parts.append(U.view_errors(W_, None if sw is None else sw[a:b], LO, HI, max_bits, low))
+            if high:
+                parts.append(U.view_errors(W_, None if wgt is None else wgt[a:b], LO, HI, max_bits, high))
+            err = torch.cat(parts, dim=1)  # [C, V, m], views in sorted order
+            err = err / (err.min(dim=0, keepdim=True).values + 1e-30)
+            best = (err * bw).sum(dim=1).argmin(dim=0)  # [m]
+            idx = torch.arange(b - a)
+            lo_out[a:b], hi_out[a:b] = LO[best, idx], HI[best, idx]
+        return lo_out, hi_out
+
+    return ranges
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--bits", default="2,3,4,5,6,7,8")
+    ap.add_argument("--variant", default="sal=2", help="sal=A[:maxk=K][:wK=X ...]")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--out", default=str(ROOT / "results" / "quality_saliency.json"))
+    a = ap.parse_args()
+    con = Console()
+    alpha, maxk, weights = parse_variant(a.variant)
+    U._search_ranges = search_ranges(alpha, maxk)
+
+    src = load_model("default")
+    src.tensors = dict(src.tensors)
+    dither_off_grid(src, 1)
+    ids = src.tokenizer.encode((DATA / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8"))
+    ref = load_or_build_reference(model_logits_fn(Transformer(src.config, src.tensors).eval()), ids, ctx=512,
+                                  max_windows=a.windows, top_k=64, identity="default-fp32-dither1", tail_samples=32)
+    t0 = time.perf_counter()
+    qts = {n: U.quantize_uniform(src.tensors[f"{n}.weight"], 8, a.group_size, clip="search", saliency=0,
+                                 bit_weights=weights) for n in src.config.linear_names()}
+    tq = time.perf_counter() - t0
+    out = Path(a.out)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    for k in (int(b) for b in a.bits.split(",")):
+        w = dict(src.tensors)
+        for n in src.config.linear_names():
+            w[f"{n}.weight"] = qts[n].dequantize(k)
+        r = kl_divergence(model_logits_fn(Transformer(src.config, w).eval()), ids, ref)
+        rows.append({"variant": a.variant, "group_size": a.group_size, "bits": k, "kl": r.kl_mean_estimate,
+                     "ppl": r.ppl_cand, "windows": a.windows, "quantize_s": tq})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+        con.print(f"{a.variant}  G={a.group_size}  k={k}: KL {r.kl_mean_estimate:.4f}  ppl {r.ppl_cand:.2f}")
+
+
+if __name__ == "__main__":
+    main()
