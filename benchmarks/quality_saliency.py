@@ -1,7 +1,7 @@
 """KL divergence of variants of the clipping search's saliency weighting (docs/bitplanes.md, section 8).
 
     python benchmarks/quality_saliency.py --group-size 128 --bits 3,5,7,8 --variant sal=2:maxk=5 \\
-        [--windows 32] [--out benchmarks/results/quality_saliency.json]
+        [--windows 32] [--text FILE] [--rtn] [--out benchmarks/results/quality_saliency.json]
 
 The setting of `benchmarks/quality.py --dither 1`: SmolLM2-135M with its linear weights moved off the Q4_1 grid
 (seed 1), WikiText-2 validation, context 512, KL against that model. Every linear is quantized at B = 8 with
@@ -12,7 +12,8 @@ the multi-view search (`quantize_uniform(clip="search")`) and one search variant
 * ``:maxk=K``: the saliency weights only in the errors of views k <= K, plain squared error above;
 * ``:wK=X``: view K's weight in the objective is X instead of 1.5 ** (8 - K).
 
-Prints one line per k and appends rows to ``--out`` (JSON list).
+``--rtn`` scores separate k-bit RTN instead; ``--text`` scores another text than WikiText-2 validation
+(a held-out check of choices made on WikiText). Prints one line per k and appends rows to ``--out`` (JSON list).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--bits", default="2,3,4,5,6,7,8")
     ap.add_argument("--variant", default="sal=2", help="sal=A[:maxk=K][:wK=X ...]")
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--text", default=None, help="text to score (default: WikiText-2 validation)")
+    ap.add_argument("--rtn", action="store_true", help="score separate k-bit RTN instead of the search")
     ap.add_argument("--out", default=str(ROOT / "results" / "quality_saliency.json"))
     a = ap.parse_args()
     con = Console()
@@ -95,25 +98,30 @@ def main() -> None:
     src = load_model("default")
     src.tensors = dict(src.tensors)
     dither_off_grid(src, 1)
-    ids = src.tokenizer.encode((DATA / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8"))
+    text = Path(a.text) if a.text else DATA / "wikitext-2-raw" / "wiki.valid.raw"
+    ids = src.tokenizer.encode(text.read_text(encoding="utf-8"))
+    ident = "default-fp32-dither1" + ("" if a.text is None else f"-{text.stem}")
     ref = load_or_build_reference(model_logits_fn(Transformer(src.config, src.tensors).eval()), ids, ctx=512,
-                                  max_windows=a.windows, top_k=64, identity="default-fp32-dither1", tail_samples=32)
+                                  max_windows=a.windows, top_k=64, identity=ident, tail_samples=32)
     t0 = time.perf_counter()
-    qts = {n: U.quantize_uniform(src.tensors[f"{n}.weight"], 8, a.group_size, clip="search", saliency=0,
-                                 bit_weights=weights) for n in src.config.linear_names()}
+    qts = {} if a.rtn else {n: U.quantize_uniform(src.tensors[f"{n}.weight"], 8, a.group_size, clip="search",
+                                                  saliency=0, bit_weights=weights) for n in src.config.linear_names()}
     tq = time.perf_counter() - t0
     out = Path(a.out)
     rows = json.loads(out.read_text()) if out.exists() else []
     for k in (int(b) for b in a.bits.split(",")):
         w = dict(src.tensors)
         for n in src.config.linear_names():
-            w[f"{n}.weight"] = qts[n].dequantize(k)
+            W = src.tensors[f"{n}.weight"]
+            w[f"{n}.weight"] = U.quantize_rtn(W, k, a.group_size) if a.rtn else qts[n].dequantize(k)
         r = kl_divergence(model_logits_fn(Transformer(src.config, w).eval()), ids, ref)
-        rows.append({"variant": a.variant, "group_size": a.group_size, "bits": k, "kl": r.kl_mean_estimate,
-                     "ppl": r.ppl_cand, "windows": a.windows, "quantize_s": tq})
+        rows.append({"variant": "rtn" if a.rtn else a.variant, "group_size": a.group_size, "bits": k,
+                     "kl": r.kl_mean_estimate, "ppl": r.ppl_cand, "windows": a.windows, "text": text.name,
+                     "quantize_s": tq})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1))
-        con.print(f"{a.variant}  G={a.group_size}  k={k}: KL {r.kl_mean_estimate:.4f}  ppl {r.ppl_cand:.2f}")
+        con.print(f"{'rtn' if a.rtn else a.variant}  G={a.group_size}  k={k}  {text.name}: KL {r.kl_mean_estimate:.4f}  "
+                  f"ppl {r.ppl_cand:.2f}")
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def _artifact_info(path: str, json_out: bool, verify: bool) -> None:
         t.add_row("architecture", f"{m['config']['arch']}, {m['config']['n_layers']} layers")
         q = m["quant"]
         t.add_row("quantization", f"{q['method']}, max {q['max_bits']} bits, group {q['group_size']}, "
-                  f"clip {q['clip']}" + (f", saliency {q['saliency']:g}" if q.get("saliency") is not None
+                  f"clip {q['clip']}" + (f", saliency {q['saliency']:g}" if q.get("saliency") is not None and q["method"] == "uniform"
                                           and q["clip"] == "search" and not q.get("calib") else "")
                   + (f", calib {q['calib']}" if q.get("calib") else ""))
         if q.get("overrides"):
