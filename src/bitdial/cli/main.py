@@ -207,10 +207,11 @@ def _artifact_info(path: str, json_out: bool, verify: bool) -> None:
         t.add_row("source sha256", str(m["source"].get("sha256")))
         t.add_row("architecture", f"{m['config']['arch']}, {m['config']['n_layers']} layers")
         q = m["quant"]
+        # saliency only shapes a uniform search without calibration (absent in artifacts older than it)
+        searched = q["method"] == "uniform" and q["clip"] == "search" and not q.get("calib")
+        sal = f", saliency {q['saliency']:g}" if searched and q.get("saliency") is not None else ""
         t.add_row("quantization", f"{q['method']}, max {q['max_bits']} bits, group {q['group_size']}, "
-                  f"clip {q['clip']}" + (f", saliency {q['saliency']:g}" if q.get("saliency") is not None and q["method"] == "uniform"
-                                          and q["clip"] == "search" and not q.get("calib") else "")
-                  + (f", calib {q['calib']}" if q.get("calib") else ""))
+                  f"clip {q['clip']}{sal}" + (f", calib {q['calib']}" if q.get("calib") else ""))
         if q.get("overrides"):
             t.add_row("overrides", ", ".join(f"{k}={v}" for k, v in q["overrides"].items()))
         t.add_row("file", f"{art.file_bytes / 2**20:.1f} MiB, {data['bits_per_weight_file']:.3f} bits/weight")
