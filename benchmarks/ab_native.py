@@ -14,7 +14,8 @@ both builds of a round alike).
 
 ``--shapes 1b``: ``--copies`` layers of Llama-3.2-1B shapes (q, k, v, o, gate, up, down; K = 2048 and
 8192), 113 MB of planes per layer at 8 bits: DRAM-resident. ``--shapes smol``: ``--copies`` layers of the
-default model's shapes (K = 576 and 1536). Random 8-bit planes, fp16 scales and offsets, group 64
+default model's shapes (K = 576 and 1536). ``--shapes 7b``: Llama-2-7B layer shapes (K = 4096 and 11008),
+12 layers by default, the 2.6 B synthetic model's stack without its embedding and head. Random 8-bit planes, fp16 scales and offsets, group 64
 (``bandwidth.random_qtensor``); the first round is a warm-up and is not counted. Prints a table and writes
 JSON (per-round times and ratios).
 """
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parent
 LAYER_SHAPES = {  # (N, K) of q, k, v, o, gate, up, down
     "1b": [(N, K) for _, N, K in BANDWIDTH_LAYER],
     "smol": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)],
+    "7b": [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)],
 }
 
 
@@ -98,7 +100,7 @@ def main() -> None:
     ks = [int(v) for v in a.bits.split(",")]
     if any(not 1 <= k <= 8 for k in ks):
         raise SystemExit(f"--bits must be in 1..8, got {a.bits}")
-    copies = a.copies or (16 if a.shapes == "1b" else 120)
+    copies = a.copies or {"1b": 16, "7b": 12}.get(a.shapes, 120)
     con = Console()
     with tempfile.TemporaryDirectory() as tmp:
         mods = [load_copy(a.a, "build_a", Path(tmp)), load_copy(a.b, "build_b", Path(tmp))]

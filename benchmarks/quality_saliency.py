@@ -10,7 +10,9 @@ the multi-view search (`quantize_uniform(clip="search")`) and one search variant
 * ``sal=A``: the squared error of every weight counts ``1 + A (w / rms_g)^2`` in every view's error
   (``quantize_uniform(saliency=A)``; A = 0 is the plain squared error);
 * ``:maxk=K``: the saliency weights only in the errors of views k <= K, plain squared error above;
-* ``:wK=X``: view K's weight in the objective is X instead of 1.5 ** (8 - K).
+* ``:wK=X``: view K's weight in the objective is X instead of 1.5 ** (8 - K);
+* ``:cap=X[:capk=K]``: a candidate range whose error at a view k >= K (default 7) is more than X times the
+  best candidate's at that view is left out (the group's views above K-1 bits lose at most a factor X).
 
 ``--rtn`` scores separate k-bit RTN instead; ``--text`` scores another text than WikiText-2 validation
 (a held-out check of choices made on WikiText). Prints one line per k and appends rows to ``--out`` (JSON list).
@@ -38,23 +40,24 @@ ROOT = Path(__file__).resolve().parent
 
 def parse_variant(spec: str) -> tuple[float, int, dict[int, float]]:
     opts = dict(x.split("=", 1) for x in spec.split(":") if x)
-    unknown = [k for k in opts if k not in ("sal", "maxk") and not (k[:1] == "w" and k[1:].isdigit())]
+    unknown = [k for k in opts if k not in ("sal", "maxk", "cap", "capk") and not (k[:1] == "w" and k[1:].isdigit())]
     if unknown:
-        raise SystemExit(f"--variant {spec!r}: unknown keys {unknown} (use sal=A, maxk=K, wK=X)")
+        raise SystemExit(f"--variant {spec!r}: unknown keys {unknown} (use sal=A, maxk=K, wK=X, cap=X, capk=K)")
     weights = U.default_bit_weights(8)
     for k, v in opts.items():
         if k[:1] == "w" and k[1:].isdigit():
             weights[int(k[1:])] = float(v)
-    return float(opts.get("sal", 0.0)), int(opts.get("maxk", 8)), weights
+    return (float(opts.get("sal", 0.0)), int(opts.get("maxk", 8)), weights, float(opts.get("cap", "inf")),
+            int(opts.get("capk", 7)))
 
 
-def search_ranges(alpha: float, maxk: int):
+def search_ranges(alpha: float, maxk: int, cap: float = float("inf"), capk: int = 7):
     """A replacement for ``uniform._search_ranges`` with saliency on views <= maxk only (relative objective);
     with every view salient it is the library's search with saliency weights."""
     library = U._search_ranges
 
     def ranges(Wg, wgt, max_bits, bit_weights, objective, factors=U.CLIP_CANDIDATES):
-        if maxk >= max_bits:
+        if maxk >= max_bits and cap == float("inf"):
             return library(Wg, U._saliency_weights(Wg, wgt, alpha) if alpha else wgt, max_bits, bit_weights,
                            objective, factors)
         views = sorted(bit_weights)
@@ -73,7 +76,13 @@ def search_ranges(alpha: float, maxk: int):
                 parts.append(U.view_errors(W_, None if wgt is None else wgt[a:b], LO, HI, max_bits, high))
             err = torch.cat(parts, dim=1)  # [C, V, m], views in sorted order
             err = err / (err.min(dim=0, keepdim=True).values + 1e-30)
-            best = (err * bw).sum(dim=1).argmin(dim=0)  # [m]
+            total = (err * bw).sum(dim=1)  # [C, m]
+            if cap < float("inf"):  # candidates whose relative error at a view >= capk exceeds cap are out
+                hv = torch.tensor([k >= capk for k in views])
+                over = (err[:, hv, :] > cap).any(dim=1)  # [C, m]
+                over &= ~over.all(dim=0, keepdim=True)  # a group with no candidate under the cap: unconstrained
+                total = total.masked_fill(over, float("inf"))
+            best = total.argmin(dim=0)  # [m]
             idx = torch.arange(b - a)
             lo_out[a:b], hi_out[a:b] = LO[best, idx], HI[best, idx]
         return lo_out, hi_out
@@ -92,8 +101,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "quality_saliency.json"))
     a = ap.parse_args()
     con = Console()
-    alpha, maxk, weights = parse_variant(a.variant)
-    U._search_ranges = search_ranges(alpha, maxk)
+    alpha, maxk, weights, cap, capk = parse_variant(a.variant)
+    U._search_ranges = search_ranges(alpha, maxk, cap, capk)
 
     src = load_model("default")
     src.tensors = dict(src.tensors)

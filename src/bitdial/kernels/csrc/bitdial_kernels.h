@@ -141,7 +141,8 @@ static inline uint64_t bd_load_partial(const uint8_t *p, int n) {
  * n .. n+R-1, issued about BD_PREFETCH_BYTES of plane row ahead (at least one row ahead). On AMD Zen 5
  * the hardware prefetchers leave the short per-plane streams of a low-k GEMV underfed: one core reads
  * 12-15 GB/s at k = 2 without this and ~20 GB/s with it (docs/kernels.md). Prefetches never fault;
- * rows past the layer's end are skipped. */
+ * rows past the layer's end are skipped. The GFNI decode pass spreads the same prefetches over the row's blocks
+ * instead (gdecode_row: 3-8% faster on Sapphire Rapids, docs/kernels.md "Spread software prefetch"). */
 #ifndef BD_PREFETCH_BYTES
 #define BD_PREFETCH_BYTES 1024
 #endif

@@ -262,7 +262,18 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     __m512 off = _mm512_setzero_ps();
     float fac[16] __attribute__((aligned(64))), raw[16] __attribute__((aligned(64)));
-    bd_prefetch_rows(a, n, 1, k);
+    /* software prefetch, spread: the row about BD_PREFETCH_BYTES ahead in each plane (twice that at k <= 2,
+     * whose blocks go by faster), one line per plane with each block below, its scales and offsets now */
+    const uint8_t *pf = NULL;
+    if (a->RB >= BD_PREFETCH_MIN_RB) {
+        const int64_t dist = k <= 2 ? 2 * BD_PREFETCH_BYTES : BD_PREFETCH_BYTES;
+        const int64_t ahead = a->RB >= dist ? 1 : dist / a->RB;
+        if (n + ahead < a->N) {
+            pf = a->planes + (n + ahead) * RB;
+            bd_prefetch_lines(a->scales + (n + ahead) * a->ng, a->ng * 2);
+            bd_prefetch_lines(a->offsets + (n + ahead) * a->ng, a->ng * 2);
+        }
+    }
     for (int64_t J0 = 0; J0 < nblk; J0 += BPF) {
         const int64_t u0 = 16 * J0 / BPF;
         __m512 f;
@@ -282,6 +293,8 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
             store_factors(fac, SLOTS(k) == 8 ? f : _mm512_mul_ps(f, cs));
         }
         for (int64_t J = J0; J < J0 + BPF && J < nblk; J++) {
+            if (pf)
+                for (int p = 0; p < k; p++) __builtin_prefetch(pf + p * a->pstride + 64 * J, 0, 3);
             if (J < nfull) octet_block(a, row, J, k, f, (int)(J - J0), qb64, &acc[2 * (J & 1)]);
             else block_chunks(a, row, J, (int)(8 * (J - J0)), k, fac, raw, acc, 3, qb64);
         }
