@@ -133,6 +133,33 @@ def test_gemv_all_isas_against_reference(K: int, one_torch_thread) -> None:
     assert worst > 0.01, "the bound is so loose that it tests nothing"
 
 
+@pytest.mark.parametrize("K", (2056, 4104))
+def test_long_rows_prefetch_path(K: int, one_torch_thread) -> None:
+    """Rows of >= 256 bytes per plane take the decode's software-prefetch path (rows ahead, 2x further at
+    k <= 2; docs/kernels.md "Spread software prefetch"), which KS above never reach: every ISA against the
+    reference, partial last block, the prefetched row past the end of the matrix."""
+    gen = torch.Generator().manual_seed(K)
+    for N, G in ((37, 64), (9, 128)):
+        qt = random_qt(N, K, G, 8, gen)
+        x = random_x(2, K, gen)
+        for k in range(1, 9):
+            W = qt.dequantize(k)
+            ref = x @ W.T
+            bound, fp = error_bound(qt, W, x, k)
+            ys = {}
+            for isa in ISAS:
+                for M in (1, 2):
+                    buf, out = guarded_out(M, N)
+                    y = BK.gemv(qt, x[:M], k, out=out, isa=isa)
+                    ctx = f"isa={isa} N={N} K={K} G={G} k={k} M={M}"
+                    check_canaries(buf, ctx)
+                    assert ((y - ref[:M]).abs() <= bound[:M]).all(), ctx
+                    if M == 1:
+                        ys[isa] = y.clone()
+            for isa, y in ys.items():
+                assert ((y - ys["ref"]).abs() <= fp[:1] + 1e-30).all(), f"{isa} vs ref, N={N} K={K} G={G} k={k}"
+
+
 def test_relative_error_realistic_weights() -> None:
     """On quantize_uniform output with a Gaussian x the error is a small fraction of |y|: the expected
     relative error is ~ rms(w - a) / rms(w) * (max|x_block| / 127) / sqrt(12) ~ 0.3-0.6%."""
