@@ -15,9 +15,9 @@ both builds of a round alike).
 ``--shapes 1b``: ``--copies`` layers of Llama-3.2-1B shapes (q, k, v, o, gate, up, down; K = 2048 and
 8192), 113 MB of planes per layer at 8 bits: DRAM-resident. ``--shapes smol``: ``--copies`` layers of the
 default model's shapes (K = 576 and 1536). ``--shapes 7b``: Llama-2-7B layer shapes (K = 4096 and 11008),
-12 layers by default, the 2.6 B synthetic model's stack without its embedding and head. Random 8-bit planes, fp16 scales and offsets, group 64
-(``bandwidth.random_qtensor``); the first round is a warm-up and is not counted. Prints a table and writes
-JSON (per-round times and ratios).
+12 layers by default, the 2.6 B synthetic model's stack without its embedding and head. Random 8-bit
+planes, fp16 scales and offsets, group 64 (``bandwidth.random_qtensor``); the first round is a warm-up and
+is not counted. Prints a table and writes JSON (per-round times and ratios).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("a", help="build A: a copy of src/bitdial/kernels/_native*.so")
     ap.add_argument("b", help="build B")
     ap.add_argument("--shapes", choices=sorted(LAYER_SHAPES), default="1b")
-    ap.add_argument("--copies", type=int, default=None, help="layers (default: 16 for 1b, 120 for smol)")
+    ap.add_argument("--copies", type=int, default=None, help="layers (default: 16 for 1b, 12 for 7b, 120 for smol)")
     ap.add_argument("--bits", default="2,4,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)

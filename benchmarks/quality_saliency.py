@@ -38,7 +38,8 @@ from quality import DATA, dither_off_grid
 ROOT = Path(__file__).resolve().parent
 
 
-def parse_variant(spec: str) -> tuple[float, int, dict[int, float]]:
+def parse_variant(spec: str) -> tuple[float, int, dict[int, float], float, int]:
+    """(saliency, maxk, view weights, cap, capk) of a ``--variant`` spec."""
     opts = dict(x.split("=", 1) for x in spec.split(":") if x)
     unknown = [k for k in opts if k not in ("sal", "maxk", "cap", "capk") and not (k[:1] == "w" and k[1:].isdigit())]
     if unknown:
@@ -52,8 +53,9 @@ def parse_variant(spec: str) -> tuple[float, int, dict[int, float]]:
 
 
 def search_ranges(alpha: float, maxk: int, cap: float = float("inf"), capk: int = 7):
-    """A replacement for ``uniform._search_ranges`` with saliency on views <= maxk only (relative objective);
-    with every view salient it is the library's search with saliency weights."""
+    """A replacement for ``uniform._search_ranges`` with saliency on views <= maxk only and, with a finite
+    ``cap``, no candidate whose relative error at a view >= capk exceeds it (relative objective); with every
+    view salient and no cap it is the library's search with saliency weights."""
     library = U._search_ranges
 
     def ranges(Wg, wgt, max_bits, bit_weights, objective, factors=U.CLIP_CANDIDATES):
@@ -94,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--bits", default="2,3,4,5,6,7,8")
-    ap.add_argument("--variant", default="sal=2", help="sal=A[:maxk=K][:wK=X ...]")
+    ap.add_argument("--variant", default="sal=2", help="sal=A[:maxk=K][:wK=X ...][:cap=X[:capk=K]]")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--text", default=None, help="text to score (default: WikiText-2 validation)")
     ap.add_argument("--rtn", action="store_true", help="score separate k-bit RTN instead of the search")

@@ -157,16 +157,25 @@ static inline void bd_prefetch_lines(const void *p, int64_t nbytes) {
     const uintptr_t l0 = (uintptr_t)p & ~(uintptr_t)63, l1 = ((uintptr_t)p + (uintptr_t)nbytes - 1) & ~(uintptr_t)63;
     for (uintptr_t l = l0; l <= l1; l += 64) __builtin_prefetch((const void *)l, 0, 3);
 }
+/* The first row about dist bytes of plane row past row n (at least the next one), or -1 when rows are too
+ * short to prefetch or that row is past the layer's end. */
+static inline int64_t bd_prefetch_row_ahead(const bd_gemv *a, int64_t n, int64_t dist) {
+    if (a->RB < BD_PREFETCH_MIN_RB) return -1; /* short rows: the prefetches cost more than they save */
+    const int64_t r0 = n + (a->RB >= dist ? 1 : dist / a->RB);
+    return r0 < a->N ? r0 : -1;
+}
+/* The scales and offsets of rows r0 .. r0+nr-1. */
+static inline void bd_prefetch_row_scales(const bd_gemv *a, int64_t r0, int64_t nr) {
+    bd_prefetch_lines(a->scales + r0 * a->ng, nr * a->ng * 2);
+    bd_prefetch_lines(a->offsets + r0 * a->ng, nr * a->ng * 2);
+}
 static inline void bd_prefetch_rows(const bd_gemv *a, int64_t n, int R, int k) {
-    if (a->RB < BD_PREFETCH_MIN_RB) return; /* short rows: the prefetches cost more than they save */
-    const int64_t ahead = a->RB >= BD_PREFETCH_BYTES ? 1 : BD_PREFETCH_BYTES / a->RB;
-    const int64_t r0 = n + ahead;
-    if (r0 >= a->N) return;
+    const int64_t r0 = bd_prefetch_row_ahead(a, n, BD_PREFETCH_BYTES);
+    if (r0 < 0) return;
     const int64_t nr = r0 + R <= a->N ? R : a->N - r0;
     const uint8_t *row = a->planes + r0 * a->RB;
     for (int p = 0; p < k; p++) bd_prefetch_lines(row + p * a->pstride, nr * a->RB);
-    bd_prefetch_lines(a->scales + r0 * a->ng, nr * a->ng * 2);
-    bd_prefetch_lines(a->offsets + r0 * a->ng, nr * a->ng * 2);
+    bd_prefetch_row_scales(a, r0, nr);
 }
 
 #endif /* BITDIAL_KERNELS_H */

@@ -264,16 +264,9 @@ BD_INLINE __m512 gdecode_row(const bd_gemv *a, int64_t n, const int k, const int
     float fac[16] __attribute__((aligned(64))), raw[16] __attribute__((aligned(64)));
     /* software prefetch, spread: the row about BD_PREFETCH_BYTES ahead in each plane (twice that at k <= 2,
      * whose blocks go by faster), one line per plane with each block below, its scales and offsets now */
-    const uint8_t *pf = NULL;
-    if (a->RB >= BD_PREFETCH_MIN_RB) {
-        const int64_t dist = k <= 2 ? 2 * BD_PREFETCH_BYTES : BD_PREFETCH_BYTES;
-        const int64_t ahead = a->RB >= dist ? 1 : dist / a->RB;
-        if (n + ahead < a->N) {
-            pf = a->planes + (n + ahead) * RB;
-            bd_prefetch_lines(a->scales + (n + ahead) * a->ng, a->ng * 2);
-            bd_prefetch_lines(a->offsets + (n + ahead) * a->ng, a->ng * 2);
-        }
-    }
+    const int64_t rpf = bd_prefetch_row_ahead(a, n, k <= 2 ? 2 * BD_PREFETCH_BYTES : BD_PREFETCH_BYTES);
+    const uint8_t *pf = rpf < 0 ? NULL : a->planes + rpf * RB;
+    if (pf) bd_prefetch_row_scales(a, rpf, 1);
     for (int64_t J0 = 0; J0 < nblk; J0 += BPF) {
         const int64_t u0 = 16 * J0 / BPF;
         __m512 f;
