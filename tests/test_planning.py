@@ -331,6 +331,14 @@ def test_step_table_keeps_tiny_costs_positive(tiny_path):
     for key, row in st["table"].items():
         bytes2, bytes8 = (lin[groups[key][0]].qt.bytes_read(b) / 1e6 for b in (2, 8))
         assert row["2"] == pytest.approx(0.1 / 30.0 * bytes2, rel=1e-5) and 0 < row["2"] < row["8"]
+    # a base step faster than those floors (a noisy fast round on a tiny model): the rest of the step would be
+    # negative; the modules shrink to fill the base step instead and the rest is 0, never below
+    per8 = sum(len(groups[k]) * row["8"] for k, row in st["table"].items())
+    fast = _step_table(lin, groups, 8, per8 / 3, designed, [per8 / 3] * len(designed), {"ms_per_mb": 0.0},
+                       bw_gbs=30.0)
+    assert fast["c0_ms"] == 0.0
+    assert sum(len(groups[k]) * row["8"] for k, row in fast["table"].items()) == pytest.approx(per8 / 3, rel=1e-4)
+    assert all(0 < row["2"] < row["8"] for row in fast["table"].values())
 
 
 def test_device_profile_measures_this_machine(tiny_path):

@@ -512,7 +512,13 @@ def _step_table(lin: dict, groups: dict[str, list[str]], base_b: int, t_base: fl
         ms_per_mb = max(ms_per_mb, 0.1 * float(lin_fit["ms_per_mb"]), floor)
         table[key] = {str(b): _sig(ms_per_mb * qt.bytes_read(b) / 1e6) for b in sorted(delta)}
         per_module += len(names) * table[key][str(base_b)]
-    return {"base_bits": base_b, "table": table, "c0_ms": round(t_base - per_module, 6)}
+    if per_module > t_base > 0:
+        # the floors (or one noisy designed step) put the modules above the whole base step: a negative rest of
+        # the step is impossible, so scale the modules down until they fill the base step and leave c0 = 0
+        shrink = t_base / per_module
+        table = {key: {b: _sig(ms * shrink) for b, ms in row.items()} for key, row in table.items()}
+        per_module = sum(len(groups[key]) * table[key][str(base_b)] for key in table)
+    return {"base_bits": base_b, "table": table, "c0_ms": round(max(t_base - per_module, 0.0), 6)}
 
 
 def profile_device(art=None, *, config=None, bits: list[int] | None = None, prefill_m: int = 64,
