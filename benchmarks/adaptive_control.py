@@ -379,7 +379,7 @@ def run_policy(name: str, policy: str, target: float | None, *, eng, backend, pr
     tel, replays = make_telemetry(traces, args.telemetry_interval)
     control = None
     if policy in ADAPTIVE:
-        cfg = ControlConfig(threads=args.threads, seed=args.seed, adapt_threads=args.adapt_threads)
+        cfg = ControlConfig(threads=args.threads, seed=args.seed, adapt_threads=args.adapt_threads, carry_s=args.carry_s)
         control = ControlAdapter(Controller(backend.targets, latency_ms, config=cfg,
                                             thread_latency_ms=thread_latency_ms), tel, RequestConstraints)
     sched = Scheduler(competitor, intervals)
@@ -687,6 +687,9 @@ def main() -> None:
     ap.add_argument("--calib-factor", type=float, default=1.15, help="max ms = factor x idle median ms at fixed4")
     ap.add_argument("--calib-seconds", type=float, default=20.0)
     ap.add_argument("--policies", default="fixed4,best-fixed,rule,bandit")
+    ap.add_argument("--carry-s", type=float, default=0.0,
+                    help="rule: continue a request from the previous one's target, dwell and backoff when it starts "
+                         "within this many seconds (ControlConfig.carry_s; 0: fresh start, the default)")
     ap.add_argument("--best-fixed", default="probe", help="probe | sweep | a stored target")
     ap.add_argument("--probe-seconds", type=float, default=15.0, help="per target, competitor on (best-fixed probe)")
     ap.add_argument("--attain", type=float, default=0.95,
@@ -719,7 +722,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the bandit's seed")
     ap.add_argument("--max-points", type=int, default=6000, help="per-step series kept per policy before binning")
     ap.add_argument("--out", default=str(ROOT / "results" / "adaptive_control.json"))
-    ap.add_argument("--plot", default=str(ROOT / "results" / "adaptive_control.png"))
+    ap.add_argument("--plot", default=None, help="time-series plot (default: --out with .png; 'none' for no plot)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every controller switch (bitdial.control)")
     args = ap.parse_args()
 
@@ -914,7 +917,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_finite(result), indent=1, default=str, allow_nan=False))
     print_table(summaries, result)
-    if args.plot and runs:
+    if args.plot is None:
+        args.plot = str(Path(args.out).with_suffix(".png"))
+    if args.plot.lower() != "none" and runs:
         cfg = ControlConfig()
         plot(runs, summaries, max_ms, args.duration, Path(args.plot), cfg.hot_c if traces else None,
              cfg.low_battery_pct if traces else None)
