@@ -23,8 +23,8 @@ is opt-in. The latency model is kept per thread count (``thread_latency_ms``; wi
 work is assumed to split evenly). Hysteresis keeps both adaptive policies from flapping: a switch up needs
 the higher target to fit with headroom for ``min_dwell`` consecutive steps; a switch down happens as soon as
 the median of the last ``down_window`` observed latencies violates the target; under the rule, a request
-that follows another soon can continue its target, dwell and backoff (``carry_s``, opt-in). Thermal and battery caps lower
-the highest allowed target, but never below the request's ``min_bits``.
+that follows another soon can continue its target, dwell and backoff (``carry_s``, opt-in). Thermal and
+battery caps lower the highest allowed target, but never below the request's ``min_bits``.
 """
 
 from __future__ import annotations
@@ -466,7 +466,8 @@ class Controller:
         self._low_battery = False
         self._prior = 1.0
         self._fails = dict.fromkeys(self.targets, 0)  # rule: failed switches up to each target (backoff)
-        self._carry: dict[str, Any] | None = None  # rule: where the last request ended (config.carry_s)
+        # rule: the last request, its thread count and when it ended (config.carry_s)
+        self._carry: tuple[_Request, int | None, float] | None = None
 
     # -- public helpers
     @property
@@ -549,11 +550,7 @@ class Controller:
             r, self._req = self._req, None
             if r is None:
                 return {}
-            self._carry = None
-            if r.policy == "rule" and r.observed and r.constraints.max_ms_per_token is not None:
-                self._carry = {"target": r.target, "since_switch": r.since_switch, "up_streak": r.up_streak,
-                               "last_up": r.last_up, "max_ms": r.constraints.max_ms_per_token,
-                               "threads": self._threads, "ended": time.monotonic()}
+            self._carry = (r, self._threads, time.monotonic()) if r.observed else None
             return {"policy": r.policy, "steps": r.observed, "misses": r.misses, "switches": r.switches,
                     "attainment": 1.0 - r.misses / r.observed if r.observed else None,
                     "mean_target": r.bits_sum / r.observed if r.observed else None,
@@ -690,6 +687,7 @@ class Controller:
         prior = self._state_prior(state)
         s = prior * math.exp(self._slow.c)
         max_ms = c.max_ms_per_token
+        resumed = False
         if r.policy == "fixed":
             target, reason = float(c.target_bits), "fixed target_bits"  # type: ignore[arg-type]
         else:
@@ -701,8 +699,8 @@ class Controller:
             if max_ms is None:
                 target, reason = allowed[-1], "no latency target: highest allowed" + note
             elif start and self._resume(r, allowed, max_ms, n_threads):
-                start = False  # the request goes on from the previous one's target, dwell and backoff
-                target, reason = self._adapt(r, allowed, max_ms, s, prior, resumed=True)
+                resumed = True  # the request goes on from the previous one's target, dwell and backoff
+                target, reason = self._continue(r, allowed, max_ms, s, prior)
                 reason += note
             elif start:
                 target, reason = self._initial(r.policy, allowed, max_ms, s, prior)
@@ -714,13 +712,13 @@ class Controller:
             else:
                 target, reason = self._adapt(r, allowed, max_ms, s, prior)
                 reason += note
-        changed = start or target != cur
-        if not start and target != cur:
+        fresh = start and not resumed  # a fresh start restarts the counters; a resumed one switches as a step does
+        if not fresh and target != cur:
             r.switches += 1
             r.last_up = target > cur
-        if changed:
+        if fresh or target != cur:
             r.since_switch = r.since_epoch = r.up_streak = 0
-        changed = changed or r.steps == 0  # a request's first decision is always news to its caller
+        changed = start or target != cur  # a request's first decision is always news to its caller
         r.target = target
         pred = self._lat(target) * s
         if threads_note:
@@ -745,31 +743,37 @@ class Controller:
     def _resume(self, r: _Request, allowed: list[float], max_ms: float, n_threads: int | None) -> bool:
         """Rule, at a request's start: continue from where the previous request ended (``carry_s``)?"""
         cy, self._carry = self._carry, None
-        if (r.policy != "rule" or cy is None or not self.config.carry_s
-                or time.monotonic() - cy["ended"] > self.config.carry_s or cy["threads"] != n_threads
-                or abs(cy["max_ms"] - max_ms) > _EPS * max(1.0, max_ms)
-                or not allowed[0] - _EPS <= cy["target"] <= allowed[-1] + _EPS):
+        if r.policy != "rule" or cy is None or not self.config.carry_s:
             return False
-        r.target, r.since_switch, r.up_streak, r.last_up = cy["target"], cy["since_switch"], cy["up_streak"], cy["last_up"]
+        last, threads, ended = cy
+        last_ms = last.constraints.max_ms_per_token
+        if (last.policy != "rule" or last_ms is None or abs(last_ms - max_ms) > _EPS * max(1.0, max_ms)
+                or threads != n_threads or time.monotonic() - ended > self.config.carry_s
+                or not allowed[0] - _EPS <= last.target <= allowed[-1] + _EPS):
+            return False
+        r.target, r.since_switch, r.up_streak, r.last_up = last.target, last.since_switch, last.up_streak, last.last_up
         return True
 
+    def _continue(self, r: _Request, allowed: list[float], max_ms: float, s: float,
+                  prior: float) -> tuple[float, str]:
+        """Rule: the first decision of a request that continues the previous one (no step observed yet, so
+        no violation check; a target that no longer fits is left at once, a higher one waits as in _adapt)."""
+        cur = r.target
+        fit = self._best_fit(allowed, max_ms, s, prior)
+        if fit is None:
+            return allowed[0], f"latency target {max_ms:g} ms unattainable: lowest allowed"
+        if fit < cur:
+            return fit, f"continues below the previous request's {cur:g}: {fit:g} fits {max_ms:g} ms"
+        if fit == cur:
+            return cur, f"continues at {cur:g} from the previous request"
+        t, why = self._up(r, allowed, max_ms, fit)
+        return t, f"{why} (continued from the previous request)"
+
     def _adapt(self, r: _Request, allowed: list[float], max_ms: float, s: float,
-               prior: float, resumed: bool = False) -> tuple[float, str]:
-        """A step's decision (rule, bandit): down on a violation, up after the dwell and backoff, else hold.
-        ``resumed``: the first decision of a request that continues the previous one (no step observed
-        yet, so no violation check, and a target that no longer fits is left at once)."""
+               prior: float) -> tuple[float, str]:
+        """A step's decision (rule, bandit): down on a violation, up after the dwell and backoff, else hold."""
         cfg = self.config
         cur = r.target
-        if resumed:
-            fit = self._best_fit(allowed, max_ms, s, prior)
-            if fit is None:
-                return allowed[0], f"latency target {max_ms:g} ms unattainable: lowest allowed"
-            if fit < cur:
-                return fit, f"continues below the previous request's {cur:g}: {fit:g} fits {max_ms:g} ms"
-            if fit == cur:
-                return cur, f"continues at {cur:g} from the previous request"
-            t, why = self._up(r, allowed, max_ms, fit)
-            return t, f"{why} (continued from the previous request)"
         ratio = self._slow.observed_ratio()
         observed = ratio * self._lat(cur) if ratio is not None else None
         if (observed is not None and len(self._slow.recent_ratio) == cfg.down_window
