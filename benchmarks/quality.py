@@ -47,17 +47,19 @@ DATA = ROOT.parent.parent / "shared" / "data"
 
 def quantize_all(src, method: str, G: int, importance=None):
     """{module: QuantizedTensor at 8 bits} for every linear (or {module: {k: W_k}} for rtn)."""
+    from bitdial.artifact.writer import resolve_map, saliency_map
     from bitdial.quant.nonuniform import quantize_nonuniform
     from bitdial.quant.uniform import quantize_uniform
 
     out = {}
+    saliency = resolve_map(saliency_map(None, G), src.config.linear_names(), 0.0)  # the artifact's default
     for name in src.config.linear_names():
         W = src.tensors[f"{name}.weight"]
         imp = importance.get(name) if importance else None
         if method == "nested":
             out[name] = quantize_uniform(W, 8, G, clip="none")
         elif method in ("search", "calib"):
-            out[name] = quantize_uniform(W, 8, G, clip="search", importance=imp)
+            out[name] = quantize_uniform(W, 8, G, clip="search", importance=imp, saliency=saliency[name])
         elif method == "nonuniform":
             out[name] = quantize_nonuniform(W, 8, importance=imp)
     return out

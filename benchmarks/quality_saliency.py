@@ -1,7 +1,7 @@
 """KL divergence of variants of the clipping search's saliency weighting (docs/bitplanes.md, section 8).
 
     python benchmarks/quality_saliency.py --group-size 128 --bits 3,5,7,8 --variant sal=2:maxk=5 \\
-        [--windows 32] [--text FILE] [--rtn] [--out benchmarks/results/quality_saliency.json]
+        [--windows 32] [--text FILE] [--rtn | --nested] [--out benchmarks/results/quality_saliency.json]
 
 The setting of `benchmarks/quality.py --dither 1`: SmolLM2-135M with its linear weights moved off the Q4_1 grid
 (seed 1), WikiText-2 validation, context 512, KL against that model. Every linear is quantized at B = 8 with
@@ -11,11 +11,14 @@ the multi-view search (`quantize_uniform(clip="search")`) and one search variant
   (``quantize_uniform(saliency=A)``; A = 0 is the plain squared error);
 * ``:maxk=K``: the saliency weights only in the errors of views k <= K, plain squared error above;
 * ``:wK=X``: view K's weight in the objective is X instead of 1.5 ** (8 - K);
+* ``:asal=A``: saliency A on the attention projections (``*.self_attn.*``) instead of ``sal``'s value
+  (``sal=0:asal=2`` is the artifact's default at G >= 128, ``default_saliency_map``);
 * ``:cap=X[:capk=K]``: a candidate range whose error at a view k >= K (default 7) is more than X times the
   best candidate's at that view is left out (the group's views above K-1 bits lose at most a factor X).
 
-``--rtn`` scores separate k-bit RTN instead; ``--text`` scores another text than WikiText-2 validation
-(a held-out check of choices made on WikiText). Prints one line per k and appends rows to ``--out`` (JSON list).
+``--rtn`` scores separate k-bit RTN instead, ``--nested`` the plain nested views (``clip="none"``); ``--text`` scores another text than WikiText-2 validation
+(a held-out check of choices made on WikiText), ``--dither S`` another seed of the off-grid noise (another
+model of the same kind). Prints one line per k and appends rows to ``--out`` (JSON list).
 """
 
 from __future__ import annotations
@@ -38,25 +41,25 @@ from quality import DATA, dither_off_grid
 ROOT = Path(__file__).resolve().parent
 
 
-def parse_variant(spec: str) -> tuple[float, int, dict[int, float], float, int]:
-    """(saliency, maxk, view weights, cap, capk) of a ``--variant`` spec."""
+def parse_variant(spec: str) -> tuple[float, int, dict[int, float], float, int, float | None]:
+    """(saliency, maxk, view weights, cap, capk, attention saliency or None) of a ``--variant`` spec."""
     opts = dict(x.split("=", 1) for x in spec.split(":") if x)
-    unknown = [k for k in opts if k not in ("sal", "maxk", "cap", "capk") and not (k[:1] == "w" and k[1:].isdigit())]
+    known = ("sal", "asal", "maxk", "cap", "capk")
+    unknown = [k for k in opts if k not in known and not (k[:1] == "w" and k[1:].isdigit())]
     if unknown:
-        raise SystemExit(f"--variant {spec!r}: unknown keys {unknown} (use sal=A, maxk=K, wK=X, cap=X, capk=K)")
+        raise SystemExit(f"--variant {spec!r}: unknown keys {unknown} (use sal=A, asal=A, maxk=K, wK=X, cap=X, capk=K)")
     weights = U.default_bit_weights(8)
     for k, v in opts.items():
         if k[:1] == "w" and k[1:].isdigit():
             weights[int(k[1:])] = float(v)
     return (float(opts.get("sal", 0.0)), int(opts.get("maxk", 8)), weights, float(opts.get("cap", "inf")),
-            int(opts.get("capk", 7)))
+            int(opts.get("capk", 7)), float(opts["asal"]) if "asal" in opts else None)
 
 
-def search_ranges(alpha: float, maxk: int, cap: float = float("inf"), capk: int = 7):
+def search_ranges(alpha: float, maxk: int, cap: float = float("inf"), capk: int = 7, library=U._search_ranges):
     """A replacement for ``uniform._search_ranges`` with saliency on views <= maxk only and, with a finite
     ``cap``, no candidate whose relative error at a view >= capk exceeds it (relative objective); with every
-    view salient and no cap it is the library's search with saliency weights."""
-    library = U._search_ranges
+    view salient and no cap it is the library's search (``library``) with saliency weights."""
 
     def ranges(Wg, wgt, max_bits, bit_weights, objective, factors=U.CLIP_CANDIDATES):
         if maxk >= max_bits and cap == float("inf"):
@@ -96,28 +99,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--bits", default="2,3,4,5,6,7,8")
-    ap.add_argument("--variant", default="sal=2", help="sal=A[:maxk=K][:wK=X ...][:cap=X[:capk=K]]")
+    ap.add_argument("--variant", default="sal=0:asal=2", help="sal=A[:asal=A][:maxk=K][:wK=X ...][:cap=X[:capk=K]]")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--text", default=None, help="text to score (default: WikiText-2 validation)")
+    ap.add_argument("--dither", type=int, default=1, help="seed of the off-grid noise (quality.py --dither)")
     ap.add_argument("--rtn", action="store_true", help="score separate k-bit RTN instead of the search")
+    ap.add_argument("--nested", action="store_true", help="score the plain nested views (clip none) instead")
     ap.add_argument("--out", default=str(ROOT / "results" / "quality_saliency.json"))
     a = ap.parse_args()
     con = Console()
-    alpha, maxk, weights, cap, capk = parse_variant(a.variant)
-    U._search_ranges = search_ranges(alpha, maxk, cap, capk)
+    alpha, maxk, weights, cap, capk, attn_alpha = parse_variant(a.variant)
+    library = U._search_ranges
 
     src = load_model("default")
     src.tensors = dict(src.tensors)
-    dither_off_grid(src, 1)
+    dither_off_grid(src, a.dither)
     text = Path(a.text) if a.text else DATA / "wikitext-2-raw" / "wiki.valid.raw"
     ids = src.tokenizer.encode(text.read_text(encoding="utf-8"))
-    ident = "default-fp32-dither1" + ("" if a.text is None else f"-{text.stem}")
+    ident = f"default-fp32-dither{a.dither}" + ("" if a.text is None else f"-{text.stem}")
     ref = load_or_build_reference(model_logits_fn(Transformer(src.config, src.tensors).eval()), ids, ctx=512,
                                   max_windows=a.windows, top_k=64, identity=ident, tail_samples=32)
     t0 = time.perf_counter()
-    qts = {} if a.rtn else {n: U.quantize_uniform(src.tensors[f"{n}.weight"], 8, a.group_size, clip="search",
-                                                  saliency=0, bit_weights=weights) for n in src.config.linear_names()}
+    qts = {}
+    for n in [] if a.rtn else src.config.linear_names():
+        al = attn_alpha if attn_alpha is not None and ".self_attn." in n else alpha
+        U._search_ranges = search_ranges(al, maxk, cap, capk, library)
+        qts[n] = U.quantize_uniform(src.tensors[f"{n}.weight"], 8, a.group_size,
+                                    clip="none" if a.nested else "search", saliency=0, bit_weights=weights)
     tq = time.perf_counter() - t0
+    name = "rtn" if a.rtn else "nested" if a.nested else a.variant
     out = Path(a.out)
     rows = json.loads(out.read_text()) if out.exists() else []
     for k in (int(b) for b in a.bits.split(",")):
@@ -126,12 +136,13 @@ def main() -> None:
             W = src.tensors[f"{n}.weight"]
             w[f"{n}.weight"] = U.quantize_rtn(W, k, a.group_size) if a.rtn else qts[n].dequantize(k)
         r = kl_divergence(model_logits_fn(Transformer(src.config, w).eval()), ids, ref)
-        rows.append({"variant": "rtn" if a.rtn else a.variant, "group_size": a.group_size, "bits": k,
+        rows.append({"variant": name, "group_size": a.group_size, "bits": k,
                      "kl": r.kl_mean_estimate, "ppl": r.ppl_cand, "windows": a.windows, "text": text.name,
+                     "dither": a.dither,
                      "quantize_s": tq})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1))
-        con.print(f"{'rtn' if a.rtn else a.variant}  G={a.group_size}  k={k}  {text.name}: KL {r.kl_mean_estimate:.4f}  "
+        con.print(f"{name}  G={a.group_size}  k={k}  {text.name}: KL {r.kl_mean_estimate:.4f}  "
                   f"ppl {r.ppl_cand:.2f}")
 
 

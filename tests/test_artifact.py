@@ -155,7 +155,8 @@ def test_write_is_atomic_on_failure(tmp_path, tiny, monkeypatch):
 def test_bad_settings_are_clear_errors(tmp_path, tiny):
     for s, msg in ((QuantSettings(max_bits=9), "max-bits"), (QuantSettings(group_size=48), "group-size"),
                    (QuantSettings(method="gptq"), "method"), (QuantSettings(overrides={"*": 1}), "override"),
-                   (QuantSettings(saliency=-1.0), "saliency"), (QuantSettings(saliency=float("inf")), "saliency")):
+                   (QuantSettings(saliency=-1.0), "saliency"), (QuantSettings(saliency=float("inf")), "saliency"),
+                   (QuantSettings(saliency={"*.mlp.*": -2.0}), r"saliency for \*\.mlp\.\*")):
         with pytest.raises(BitdialError, match=msg):
             write_artifact(tiny, tmp_path / "x.bitdial", s, progress=False)
     with pytest.raises(BitdialError, match="end in .bitdial"):
@@ -177,6 +178,35 @@ def test_overrides_and_metadata_update(tmp_path, tiny):
     assert art2.verify() == []
     h1, h2 = read_header(p), read_header(tmp_path / "o.bitdial")
     assert p.read_bytes()[h2.data_start:] == before[h1.data_start:]
+
+
+def test_saliency_is_a_per_module_map(tmp_path, tiny):
+    """The search's saliency resolves per module: by default 2 on the attention projections at G = 128 and 0
+    elsewhere; a user map without "default" is layered over that default, one with "default" replaces it; the
+    map is recorded as used."""
+    from bitdial.quant.uniform import quantize_uniform
+
+    def offsets(p, mod):
+        return open_artifact(p).tensor(f"{mod}.offsets").clone()
+
+    q, up = "layers.0.self_attn.q_proj", "layers.0.mlp.up_proj"
+    p = tmp_path / "d.bitdial"
+    write_artifact(tiny, p, QuantSettings(group_size=128), progress=False, source_hash=False)
+    assert open_artifact(p).meta["quant"]["saliency"] == {"*.self_attn.*": 2.0, "default": 0.0}
+    for mod, sal in ((q, 2.0), (up, 0.0)):
+        ref = quantize_uniform(tiny.tensors[f"{mod}.weight"], 8, 128, saliency=sal)
+        assert torch.equal(offsets(p, mod), ref.offsets), mod
+    assert not torch.equal(offsets(p, q), quantize_uniform(tiny.tensors[f"{q}.weight"], 8, 128).offsets)
+    p2 = tmp_path / "m.bitdial"
+    write_artifact(tiny, p2, QuantSettings(group_size=128, saliency={"*.mlp.*": 2.0}), progress=False,
+                   source_hash=False)
+    assert open_artifact(p2).meta["quant"]["saliency"] == {"*.mlp.*": 2.0, "*.self_attn.*": 2.0, "default": 0.0}
+    assert torch.equal(offsets(p2, up), quantize_uniform(tiny.tensors[f"{up}.weight"], 8, 128, saliency=2).offsets)
+    assert torch.equal(offsets(p2, q), offsets(p, q))  # still the default's saliency 2
+    p3 = tmp_path / "z.bitdial"
+    write_artifact(tiny, p3, QuantSettings(group_size=128, saliency=0.0), progress=False, source_hash=False)
+    assert open_artifact(p3).meta["quant"]["saliency"] == {"default": 0.0}
+    assert torch.equal(offsets(p3, q), quantize_uniform(tiny.tensors[f"{q}.weight"], 8, 128).offsets)
 
 
 def test_loading_maps_without_reading(tmp_path, smol):

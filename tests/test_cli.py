@@ -83,7 +83,7 @@ def test_eval_ppl_and_kld(wikitext_path, tmp_path, tiny_artifact):
 def test_quantize_info_verify_and_run_artifact(tiny_artifact, tmp_path):
     d = last_json(run("info", tiny_artifact, "--verify", "--json"))
     assert d["verify"]["ok"] and d["quant"]["max_bits"] == 6 and d["quant"]["group_size"] == 32
-    assert d["quant"]["saliency"] == 0.0  # the default at group size 32, recorded in the artifact's metadata
+    assert d["quant"]["saliency"] == {"default": 0.0}  # the default at group size 32, recorded in the metadata
     assert d["bits_per_weight_read"]["3"] < d["bits_per_weight_read"]["6"]
     g = last_json(run("generate", tiny_artifact, "-p", "Hello", "--raw", "-n", "4", "--bits", "3", "--json"))
     assert g["completion_tokens"] == 4 and g["bits"] == 3
@@ -101,6 +101,8 @@ def test_errors_are_clear(tmp_path, tiny_dir):
     assert r.exit_code == 2 and "PATTERN=BITS" in r.output
     r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--saliency", "-1", ok=False)
     assert r.exit_code == 2 and "--saliency must be a number >= 0" in r.output
+    r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--saliency", "*.mlp.*=high", ok=False)
+    assert r.exit_code == 2 and "PATTERN=NUMBER" in r.output
     assert not (tmp_path / "x.bitdial").exists()
     r = run("generate", "default", "-p", "x", "--bits", "4", ok=False)
     assert r.exit_code == 2 and "need a .bitdial artifact" in r.output

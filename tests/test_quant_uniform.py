@@ -124,11 +124,9 @@ def test_saliency_weights_the_large_weights():
     W = heavy(64, 256, seed=11)
     plain = quantize_uniform(W, saliency=0)
     dflt = quantize_uniform(W, saliency=2.0)
-    # the default: SALIENCY from 128 columns up, plain squared error below
+    # the function's default is the plain squared error at every group size (the artifact picks per module)
     assert torch.equal(quantize_uniform(W).offsets, plain.offsets)
-    assert torch.equal(quantize_uniform(W, group_size=128).offsets, quantize_uniform(W, group_size=128, saliency=2).offsets)
-    assert not torch.equal(quantize_uniform(W, group_size=128).offsets,
-                           quantize_uniform(W, group_size=128, saliency=0).offsets)
+    assert torch.equal(quantize_uniform(W, group_size=128).offsets, quantize_uniform(W, group_size=128, saliency=0).offsets)
     assert not torch.equal(plain.offsets, dflt.offsets)  # it changes the chosen ranges
     # the search lowers what it optimizes: the saliency-weighted error, summed over the weighted views
     sw = saliency_weights(W, 64, 2.0)

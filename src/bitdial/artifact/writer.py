@@ -39,7 +39,9 @@ class QuantSettings:
     max_bits: int = 8
     group_size: int = 64
     clip: str = "search"  # "search" | "none"
-    saliency: float | None = None  # weight of large weights in the search (quant.uniform); None = by group size
+    # weight of large weights in the search (quant.uniform): one value, a {module pattern: value} map (see
+    # saliency_map), or None = default_saliency_map(group_size)
+    saliency: float | dict[str, float] | None = None
     overrides: dict[str, int] = field(default_factory=dict)  # {module pattern: max bits}
     calib: str | None = None  # calibration text file (importance weighting), recorded for provenance
 
@@ -50,8 +52,12 @@ class QuantSettings:
             raise BitdialError(f"--max-bits must be in 2..8, got {self.max_bits}")
         if self.group_size < 8 or self.group_size & (self.group_size - 1):
             raise BitdialError(f"--group-size must be a power of two >= 8 (32, 64, 128), got {self.group_size}")
-        if self.saliency is not None and not (math.isfinite(self.saliency) and self.saliency >= 0):
-            raise BitdialError(f"--saliency must be a number >= 0 (0 turns it off), got {self.saliency}")
+        if self.saliency is not None:
+            sal = self.saliency if isinstance(self.saliency, Mapping) else {"default": self.saliency}
+            for pat, v in sal.items():
+                where = "" if pat == "default" else f" for {pat}"
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                    raise BitdialError(f"--saliency{where} must be a number >= 0 (0 turns it off), got {v!r}")
         for pat, b in self.overrides.items():
             if not 2 <= int(b) <= 8:
                 raise BitdialError(f"--override {pat}={b}: bits must be in 2..8")
@@ -73,6 +79,26 @@ def resolve_map(mapping: Mapping[str, Any], names: list[str], default: Any) -> d
     for n in names:
         out[n] = next((v for p, v in pats if match_pattern(p, n)), default)
     return out
+
+
+def saliency_map(saliency: float | Mapping[str, float] | None, group_size: int) -> dict[str, float]:
+    """The search's ``{module pattern: saliency}`` map, always with a ``"default"``.
+
+    None is ``default_saliency_map(group_size)``. One number applies to every module. A map with a
+    ``"default"`` replaces the default map; a map without one is layered over it: its patterns come first
+    (the first matching pattern wins), the modules they do not match keep the group size's default.
+    """
+    from bitdial.quant.uniform import default_saliency_map
+
+    base = default_saliency_map(group_size)
+    if saliency is None:
+        return base
+    if not isinstance(saliency, Mapping):
+        return {"default": float(saliency)}
+    user = {str(p): float(v) for p, v in saliency.items()}
+    if "default" in user:
+        return {**{p: v for p, v in user.items() if p != "default"}, "default": user["default"]}
+    return {**user, **{p: v for p, v in base.items() if p not in user}}
 
 
 def quantized_modules(model: LoadedModel) -> list[str]:
@@ -100,7 +126,7 @@ def _module_tensor_specs(mod: str, method: str, B: int, G: int, N: int, K: int) 
 
 
 def quantize_tensor(W: torch.Tensor, method: str, max_bits: int, group_size: int, clip: str,
-                    importance: torch.Tensor | None, saliency: float | None = None):
+                    importance: torch.Tensor | None, saliency: float = 0.0):
     if method == "uniform":
         from bitdial.quant.uniform import quantize_uniform
 
@@ -116,10 +142,8 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
                    source_hash: bool = True) -> dict[str, Any]:
     """Quantize ``model`` into ``out`` (atomically). Returns a summary (sizes, bits per weight)."""
     settings.validate()
-    if settings.saliency is None:  # record the value the search used, not "default"
-        from bitdial.quant.uniform import default_saliency
-
-        settings = replace(settings, saliency=default_saliency(settings.group_size))
+    # record the map the search used, not "default"
+    settings = replace(settings, saliency=saliency_map(settings.saliency, settings.group_size))
     out = Path(out)
     if out.suffix != ".bitdial":
         raise BitdialError(f"output {out} should end in .bitdial")
@@ -128,6 +152,7 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
     cfg = model.config
     mods = quantized_modules(model)
     max_bits = resolve_map(settings.overrides, mods, settings.max_bits)
+    saliency = resolve_map(settings.saliency, mods, 0.0)
 
     # ---- plan every tensor and module ---------------------------------------------------------
     modules: dict[str, Any] = {}
@@ -216,7 +241,7 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
                 W = model.tensors[f"{mod}.weight"]
                 imp = importance.get(mod) if importance else None
                 qt = quantize_tensor(W, m["method"], m["max_bits"], settings.group_size, settings.clip, imp,
-                                     settings.saliency)
+                                     saliency[mod])
                 for name, t in qt.to_tensors(mod).items():
                     put(name, t)
                 stats["weights"] += W.numel()

@@ -209,7 +209,7 @@ def _artifact_info(path: str, json_out: bool, verify: bool) -> None:
         q = m["quant"]
         # saliency only shapes a uniform search without calibration (absent in artifacts older than it)
         searched = q["method"] == "uniform" and q["clip"] == "search" and not q.get("calib")
-        sal = f", saliency {q['saliency']:g}" if searched and q.get("saliency") is not None else ""
+        sal = f", saliency {_saliency_text(q['saliency'])}" if searched and q.get("saliency") is not None else ""
         t.add_row("quantization", f"{q['method']}, max {q['max_bits']} bits, group {q['group_size']}, "
                   f"clip {q['clip']}{sal}" + (f", calib {q['calib']}" if q.get("calib") else ""))
         if q.get("overrides"):
@@ -297,6 +297,13 @@ def _bits_note(res) -> str:
     return f", {b:.2f} bits" if b is not None else ""
 
 
+def _saliency_text(sal: float | dict[str, float]) -> str:
+    """'2' (artifacts before the per-module map) or '*.self_attn.*=2, default 0'."""
+    if not isinstance(sal, dict):
+        return f"{sal:g}"
+    return ", ".join(f"{p} {v:g}" if p == "default" else f"{p}={v:g}" for p, v in sal.items())
+
+
 def _threads() -> int:
     import torch
 
@@ -304,6 +311,21 @@ def _threads() -> int:
 
 
 # --------------------------------------------------------------------------------------- quantize
+def _saliency_option(values: list[str]) -> dict[str, float] | None:
+    """``--saliency S`` / ``--saliency PATTERN=S`` (repeatable) as a {pattern: S} map; none given: None."""
+    if not values:
+        return None
+    out: dict[str, float] = {}
+    for v in values:
+        pat, _, x = v.rpartition("=")
+        try:
+            out[pat or "default"] = float(x)
+        except ValueError:
+            raise BitdialError(f"--saliency {v!r}: expected a number or PATTERN=NUMBER, e.g. '2' or "
+                               "'*.self_attn.*=2'") from None
+    return out
+
+
 @app.command()
 def quantize(
     src: str = typer.Argument(..., help="Model to quantize: " + MODEL_HELP),
@@ -312,7 +334,7 @@ def quantize(
     group_size: int = typer.Option(64, "--group-size", "-g", help="Input columns per scale/offset group (32, 64, 128)."),
     method: str = typer.Option("uniform", "--method", help="uniform (nested, default) or nonuniform (per-row LUTs)."),
     clip: str = typer.Option("search", "--clip", help="search: pick each group's range for all widths at once; none: min/max."),
-    saliency: Optional[float] = typer.Option(None, "--saliency", help="Without --calib, the search weighs each weight's error by 1 + S*(w/rms of its group)^2; 0: plain squared error; default 2 at --group-size 128 and above, else 0."),
+    saliency: list[str] = typer.Option([], "--saliency", help="S or PATTERN=S (repeatable): without --calib, the search weighs each weight's error by 1 + S*(w/rms of its group)^2; 0: plain squared error. A bare S sets every module; PATTERN=S entries are layered over the default: 2 on the attention projections ('*.self_attn.*') at --group-size 128 and above, else 0."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: weight errors by activation importance."),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Tokens of --calib to run."),
     override: list[str] = typer.Option([], "--override", help="PATTERN=BITS: a different maximum for matching modules (repeatable)."),
@@ -336,7 +358,8 @@ def quantize(
                 raise BitdialError(f"--override {o!r}: expected PATTERN=BITS, e.g. 'lm_head=8' or '*.mlp.down_proj=6'")
             overrides[pat] = int(b)
         settings = QuantSettings(method=method, max_bits=max_bits, group_size=group_size, clip=clip,
-                                 saliency=saliency, overrides=overrides, calib=str(calib) if calib else None)
+                                 saliency=_saliency_option(saliency), overrides=overrides,
+                                 calib=str(calib) if calib else None)
         settings.validate()
         model = load_model(src)
         importance = None

@@ -60,11 +60,14 @@ BIT_WEIGHT_BASE = 1.5
 #: Data-free saliency of the search (used when no ``importance`` is given): the squared error of weight w_j
 #: counts ``1 + saliency * (w_j / rms_g)**2``, rms_g the root mean square of its group, so a group's extreme
 #: weights are placed more precisely (the k-quants of llama.cpp weight by sigma^2 + w^2 without an importance
-#: matrix). By default ``SALIENCY`` for groups of ``SALIENCY_MIN_GROUP`` columns or more and 0 below: measured
-#: on the default model, it lowers the KL divergence of the 2..5-bit views at G = 128 and raises it at G = 32
-#: and 64 (docs/bitplanes.md, section 8).
+#: matrix). It is a per-module setting (``default_saliency_map``): by default ``SALIENCY`` on the attention
+#: projections (``SALIENCY_PATTERN``) for groups of ``SALIENCY_MIN_GROUP`` columns or more, and 0 everywhere
+#: else. Measured on the default model by KL divergence (docs/bitplanes.md, section 8): at G = 128 it lowers
+#: the KL of the 2..5-bit views when the attention projections carry it, and raises that of the 7- and 8-bit
+#: views when the MLP projections do; at G = 32 and 64 it raises the KL at most views.
 SALIENCY = 2.0
 SALIENCY_MIN_GROUP = 128
+SALIENCY_PATTERN = "*.self_attn.*"
 
 _CHUNK_GROUPS = 1024  # groups per inner chunk of view_errors: keeps the [chunk, G] temporaries in L2
 _SEARCH_GROUPS = 16384  # groups per outer chunk of the search: bounds the [C, V, chunk] error tensor
@@ -218,9 +221,14 @@ def _search_ranges(Wg: torch.Tensor, wgt: torch.Tensor | None, max_bits: int, bi
 # ------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------
-def default_saliency(group_size: int) -> float:
-    """The search's default ``saliency`` for a group size: ``SALIENCY`` from ``SALIENCY_MIN_GROUP`` columns up, else 0."""
-    return SALIENCY if group_size >= SALIENCY_MIN_GROUP else 0.0
+def default_saliency_map(group_size: int) -> dict[str, float]:
+    """The search's default ``{module pattern: saliency}`` map for a group size (``"default"``: the rest).
+
+    ``SALIENCY`` on the attention projections from ``SALIENCY_MIN_GROUP`` columns up, else 0 everywhere.
+    """
+    if group_size >= SALIENCY_MIN_GROUP:
+        return {SALIENCY_PATTERN: SALIENCY, "default": 0.0}
+    return {"default": 0.0}
 
 
 def default_bit_weights(max_bits: int) -> dict[int, float]:
@@ -235,7 +243,7 @@ def default_bit_weights(max_bits: int) -> dict[int, float]:
 def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE,
                      clip: str = "search", bit_weights: dict[int, float] | None = None,
                      importance: torch.Tensor | None = None, objective: str = "relative",
-                     saliency: float | None = None) -> QuantizedTensor:
+                     saliency: float = 0.0) -> QuantizedTensor:
     """Quantize W [N, K] once at ``max_bits`` so that every k-bit view (k = 1..B) is a usable quantization.
 
     Args:
@@ -254,9 +262,10 @@ def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAU
             8-bit one); ``"absolute"``: ``sum_k bit_weights[k] * E_k``.
         saliency: without ``importance``, the search weighs the squared error of each weight by
             ``1 + saliency * (w / rms_g)**2`` (rms_g: root mean square of its group), a data-free proxy of
-            which weights the output is most sensitive to; 0 = plain squared error; default
-            ``default_saliency(group_size)`` (2 for G >= 128, else 0). Ignored with ``importance`` (the
-            activation statistics replace the proxy) and with ``clip="none"``.
+            which weights the output is most sensitive to; 0 (default) = plain squared error. Which modules
+            get it is an artifact setting (``default_saliency_map``: 2 on the attention projections at
+            G >= 128). Ignored with ``importance`` (the activation statistics replace the proxy) and with
+            ``clip="none"``.
 
     Returns:
         A uniform QuantizedTensor (fp16 scales/offsets [N, n_groups], planes [B, N, ceil(K/8)]).
@@ -280,7 +289,7 @@ def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAU
         if not bw or any(not 1 <= k <= max_bits for k in bw):
             raise ValueError(f"bit_weights must give a positive weight to at least one k in 1..{max_bits}, "
                              f"got {bit_weights}")
-        sal = default_saliency(G) if saliency is None else float(saliency)
+        sal = float(saliency)
         if not (math.isfinite(sal) and sal >= 0):
             raise ValueError(f"saliency must be a finite number >= 0, got {saliency}")
         if sal > 0 and importance is None:
