@@ -4,7 +4,7 @@
         [--windows 32] [--text FILE] [--rtn | --nested] [--out benchmarks/results/quality_saliency.json]
 
 The setting of `benchmarks/quality.py --dither 1`: SmolLM2-135M with its linear weights moved off the Q4_1 grid
-(seed 1), WikiText-2 validation, context 512, KL against that model. Every linear is quantized at B = 8 with
+(seed ``--dither``, default 1), WikiText-2 validation, context 512, KL against that model. Every linear is quantized at B = 8 with
 the multi-view search (`quantize_uniform(clip="search")`) and one search variant, then read at each k:
 
 * ``sal=A``: the squared error of every weight counts ``1 + A (w / rms_g)^2`` in every view's error
@@ -103,8 +103,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--text", default=None, help="text to score (default: WikiText-2 validation)")
     ap.add_argument("--dither", type=int, default=1, help="seed of the off-grid noise (quality.py --dither)")
-    ap.add_argument("--rtn", action="store_true", help="score separate k-bit RTN instead of the search")
-    ap.add_argument("--nested", action="store_true", help="score the plain nested views (clip none) instead")
+    baseline = ap.add_mutually_exclusive_group()
+    baseline.add_argument("--rtn", action="store_true", help="score separate k-bit RTN instead of the search")
+    baseline.add_argument("--nested", action="store_true", help="score the plain nested views (clip none) instead")
     ap.add_argument("--out", default=str(ROOT / "results" / "quality_saliency.json"))
     a = ap.parse_args()
     con = Console()

@@ -207,6 +207,19 @@ def test_saliency_is_a_per_module_map(tmp_path, tiny):
     write_artifact(tiny, p3, QuantSettings(group_size=128, saliency=0.0), progress=False, source_hash=False)
     assert open_artifact(p3).meta["quant"]["saliency"] == {"default": 0.0}
     assert torch.equal(offsets(p3, q), quantize_uniform(tiny.tensors[f"{q}.weight"], 8, 128).offsets)
+    # the user's patterns come before the default's: layer 0 off, layer 1's attention keeps saliency 2
+    p4 = tmp_path / "l.bitdial"
+    write_artifact(tiny, p4, QuantSettings(group_size=128, saliency={"layers.0.*": 0.0}), progress=False,
+                   source_hash=False)
+    q1 = "layers.1.self_attn.q_proj"
+    assert torch.equal(offsets(p4, q), offsets(p3, q)) and torch.equal(offsets(p4, q1), offsets(p, q1))
+    assert not torch.equal(offsets(p, q1), offsets(p3, q1))
+    # a map with its own "default" replaces the default map
+    p5 = tmp_path / "r.bitdial"
+    write_artifact(tiny, p5, QuantSettings(group_size=128, saliency={"*.mlp.*": 2.0, "default": 0.0}),
+                   progress=False, source_hash=False)
+    assert open_artifact(p5).meta["quant"]["saliency"] == {"*.mlp.*": 2.0, "default": 0.0}
+    assert torch.equal(offsets(p5, q), offsets(p3, q)) and torch.equal(offsets(p5, up), offsets(p2, up))
 
 
 def test_loading_maps_without_reading(tmp_path, smol):

@@ -15,8 +15,8 @@ from conftest import make_tiny
 runner = CliRunner()
 
 
-def run(*args, ok=True, input=None):
-    r = runner.invoke(app, [str(a) for a in args], input=input)
+def run(*args, ok=True, input=None, env=None):
+    r = runner.invoke(app, [str(a) for a in args], input=input, env=env)
     if ok:
         assert r.exit_code == 0, (r.output, r.exception)
     return r
@@ -92,6 +92,22 @@ def test_quantize_info_verify_and_run_artifact(tiny_artifact, tmp_path):
     run("generate", tiny_artifact, "-p", "Hello", "--raw", "-n", "2", "--bits-map", bm)
     r = run("generate", tiny_artifact, "-p", "Hello", "-n", "2", "--bits", "7", ok=False)
     assert r.exit_code == 2 and "stores 1..6 bits" in r.output
+
+
+def test_quantize_saliency_map_and_info(tmp_path, tiny_dir):
+    """--saliency S / PATTERN=S reach the artifact's metadata, and info prints the map (or an older float)."""
+    from bitdial.artifact import update_metadata
+
+    p = tmp_path / "s.bitdial"
+    run("quantize", tiny_dir, "-o", p, "-g", "128", "--saliency", "0", "--saliency", "*.mlp.*=1", "--no-source-hash")
+    assert last_json(run("info", p, "--json"))["quant"]["saliency"] == {"*.mlp.*": 1.0, "default": 0.0}
+    p2 = tmp_path / "d.bitdial"
+    run("quantize", tiny_dir, "-o", p2, "-g", "128", "--no-source-hash")
+    out = run("info", p2, env={"COLUMNS": "200"}).output
+    assert "saliency *.self_attn.*=2, default 0" in out
+    q = last_json(run("info", p2, "--json"))["quant"]
+    update_metadata(p2, "quant", {**q, "saliency": 2.0})  # as an artifact of stops 22-24 stored it
+    assert "clip search, saliency 2 " in run("info", p2, env={"COLUMNS": "200"}).output
 
 
 def test_errors_are_clear(tmp_path, tiny_dir):

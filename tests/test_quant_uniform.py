@@ -123,21 +123,21 @@ def saliency_weights(W, G, alpha):
 def test_saliency_weights_the_large_weights():
     W = heavy(64, 256, seed=11)
     plain = quantize_uniform(W, saliency=0)
-    dflt = quantize_uniform(W, saliency=2.0)
+    sal2 = quantize_uniform(W, saliency=2.0)
     # the function's default is the plain squared error at every group size (the artifact picks per module)
     assert torch.equal(quantize_uniform(W).offsets, plain.offsets)
     assert torch.equal(quantize_uniform(W, group_size=128).offsets, quantize_uniform(W, group_size=128, saliency=0).offsets)
-    assert not torch.equal(plain.offsets, dflt.offsets)  # it changes the chosen ranges
+    assert not torch.equal(plain.offsets, sal2.offsets)  # it changes the chosen ranges
     # the search lowers what it optimizes: the saliency-weighted error, summed over the weighted views
     sw = saliency_weights(W, 64, 2.0)
     bw = {k: 1.5 ** (8 - k) for k in range(2, 9)}
-    rel = [err(dflt, W, k, sw) / err(plain, W, k, sw) for k in range(2, 9)]
+    rel = [err(sal2, W, k, sw) / err(plain, W, k, sw) for k in range(2, 9)]
     assert sum(bw[k] * r for k, r in zip(range(2, 9), rel)) < sum(bw.values()), rel
     # and so the error on each group's largest weight (by magnitude) at 3..6 bits
     Wg = W.reshape(64, -1, 64)
     top = torch.zeros_like(Wg).scatter_(2, Wg.abs().argmax(dim=2, keepdim=True), 1.0).reshape(W.shape)
     for k in (3, 4, 5, 6):
-        assert err(dflt, W, k, top) < err(plain, W, k, top), k
+        assert err(sal2, W, k, top) < err(plain, W, k, top), k
     # a larger saliency weighs the large weights more
     assert err(quantize_uniform(W, saliency=8), W, 4, top) < err(plain, W, 4, top)
     # a partial last group: the rms is over its real columns only (the padding repeats the last column)

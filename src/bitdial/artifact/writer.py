@@ -142,7 +142,7 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
                    source_hash: bool = True) -> dict[str, Any]:
     """Quantize ``model`` into ``out`` (atomically). Returns a summary (sizes, bits per weight)."""
     settings.validate()
-    # record the map the search used, not "default"
+    # record the map the search used, never None
     settings = replace(settings, saliency=saliency_map(settings.saliency, settings.group_size))
     out = Path(out)
     if out.suffix != ".bitdial":

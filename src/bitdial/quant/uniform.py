@@ -63,7 +63,7 @@ BIT_WEIGHT_BASE = 1.5
 #: matrix). It is a per-module setting (``default_saliency_map``): by default ``SALIENCY`` on the attention
 #: projections (``SALIENCY_PATTERN``) for groups of ``SALIENCY_MIN_GROUP`` columns or more, and 0 everywhere
 #: else. Measured on the default model by KL divergence (docs/bitplanes.md, section 8): at G = 128 it lowers
-#: the KL of the 2..5-bit views when the attention projections carry it, and raises that of the 7- and 8-bit
+#: the KL of the 3..5-bit views when the attention projections carry it, and raises that of the 7- and 8-bit
 #: views when the MLP projections do; at G = 32 and 64 it raises the KL at most views.
 SALIENCY = 2.0
 SALIENCY_MIN_GROUP = 128
