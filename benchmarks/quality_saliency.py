@@ -13,6 +13,7 @@ the multi-view search (`quantize_uniform(clip="search")`) and one search variant
 * ``:wK=X``: view K's weight in the objective is X instead of 1.5 ** (8 - K);
 * ``:asal=A``: saliency A on the attention projections (``*.self_attn.*``) instead of ``sal``'s value
   (``sal=0:asal=2`` is the artifact's default at G >= 128, ``default_saliency_map``);
+* ``:emax=X``: only the per-end expansions up to X among the search's candidates (default all, up to 1.125);
 * ``:cap=X[:capk=K]``: a candidate range whose error at a view k >= K (default 7) is more than X times the
   best candidate's at that view is left out (the group's views above K-1 bits lose at most a factor X).
 
@@ -41,27 +42,29 @@ from quality import DATA, dither_off_grid
 ROOT = Path(__file__).resolve().parent
 
 
-def parse_variant(spec: str) -> tuple[float, int, dict[int, float], float, int, float | None]:
-    """(saliency, maxk, view weights, cap, capk, attention saliency or None) of a ``--variant`` spec."""
+def parse_variant(spec: str) -> tuple[float, int, dict[int, float], float, int, float | None, float]:
+    """(saliency, maxk, view weights, cap, capk, attention saliency or None, emax) of a ``--variant`` spec."""
     opts = dict(x.split("=", 1) for x in spec.split(":") if x)
-    known = ("sal", "asal", "maxk", "cap", "capk")
+    known = ("sal", "asal", "maxk", "cap", "capk", "emax")
     unknown = [k for k in opts if k not in known and not (k[:1] == "w" and k[1:].isdigit())]
     if unknown:
-        raise SystemExit(f"--variant {spec!r}: unknown keys {unknown} (use sal=A, asal=A, maxk=K, wK=X, cap=X, capk=K)")
+        raise SystemExit(f"--variant {spec!r}: unknown keys {unknown} (use sal=A, asal=A, maxk=K, wK=X, cap=X, capk=K, emax=X)")
     weights = U.default_bit_weights(8)
     for k, v in opts.items():
         if k[:1] == "w" and k[1:].isdigit():
             weights[int(k[1:])] = float(v)
     return (float(opts.get("sal", 0.0)), int(opts.get("maxk", 8)), weights, float(opts.get("cap", "inf")),
-            int(opts.get("capk", 7)), float(opts["asal"]) if "asal" in opts else None)
+            int(opts.get("capk", 7)), float(opts["asal"]) if "asal" in opts else None, float(opts.get("emax", "inf")))
 
 
-def search_ranges(alpha: float, maxk: int, cap: float = float("inf"), capk: int = 7, library=U._search_ranges):
+def search_ranges(alpha: float, maxk: int, cap: float = float("inf"), capk: int = 7, library=U._search_ranges,
+                  emax: float = float("inf")):
     """A replacement for ``uniform._search_ranges`` with saliency on views <= maxk only and, with a finite
     ``cap``, no candidate whose relative error at a view >= capk exceeds it (relative objective); with every
     view salient and no cap it is the library's search (``library``) with saliency weights."""
 
     def ranges(Wg, wgt, max_bits, bit_weights, objective, factors=U.CLIP_CANDIDATES):
+        factors = tuple((a, b) for a, b in factors if max(a, b) <= emax)
         if maxk >= max_bits and cap == float("inf"):
             return library(Wg, U._saliency_weights(Wg, wgt, alpha) if alpha else wgt, max_bits, bit_weights,
                            objective, factors)
@@ -102,29 +105,30 @@ def main() -> None:
     ap.add_argument("--variant", default="sal=0:asal=2", help="sal=A[:asal=A][:maxk=K][:wK=X ...][:cap=X[:capk=K]]")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--text", default=None, help="text to score (default: WikiText-2 validation)")
-    ap.add_argument("--dither", type=int, default=1, help="seed of the off-grid noise (quality.py --dither)")
+    ap.add_argument("--dither", type=int, default=1, help="seed of the off-grid noise (quality.py --dither; 0: the model as it is)")
     baseline = ap.add_mutually_exclusive_group()
     baseline.add_argument("--rtn", action="store_true", help="score separate k-bit RTN instead of the search")
     baseline.add_argument("--nested", action="store_true", help="score the plain nested views (clip none) instead")
     ap.add_argument("--out", default=str(ROOT / "results" / "quality_saliency.json"))
     a = ap.parse_args()
     con = Console()
-    alpha, maxk, weights, cap, capk, attn_alpha = parse_variant(a.variant)
+    alpha, maxk, weights, cap, capk, attn_alpha, emax = parse_variant(a.variant)
     library = U._search_ranges
 
     src = load_model("default")
     src.tensors = dict(src.tensors)
-    dither_off_grid(src, a.dither)
+    if a.dither:  # 0: the model as it is, on its Q4_1 grid
+        dither_off_grid(src, a.dither)
     text = Path(a.text) if a.text else DATA / "wikitext-2-raw" / "wiki.valid.raw"
     ids = src.tokenizer.encode(text.read_text(encoding="utf-8"))
-    ident = f"default-fp32-dither{a.dither}" + ("" if a.text is None else f"-{text.stem}")
+    ident = (f"default-fp32-dither{a.dither}" if a.dither else "default-fp32") + ("" if a.text is None else f"-{text.stem}")
     ref = load_or_build_reference(model_logits_fn(Transformer(src.config, src.tensors).eval()), ids, ctx=512,
                                   max_windows=a.windows, top_k=64, identity=ident, tail_samples=32)
     t0 = time.perf_counter()
     qts = {}
     for n in [] if a.rtn else src.config.linear_names():
         al = attn_alpha if attn_alpha is not None and ".self_attn." in n else alpha
-        U._search_ranges = search_ranges(al, maxk, cap, capk, library)
+        U._search_ranges = search_ranges(al, maxk, cap, capk, library, emax)
         qts[n] = U.quantize_uniform(src.tensors[f"{n}.weight"], 8, a.group_size,
                                     clip="none" if a.nested else "search", saliency=0, bit_weights=weights)
     tq = time.perf_counter() - t0
