@@ -80,6 +80,11 @@ def dither_off_grid(src, seed: int) -> None:
         src.tensors[f"{name}.weight"] = (Wg + u * d).reshape(N, K).contiguous()
 
 
+def reference_identity(dither: int) -> str:
+    """The KL reference's cache identity for the default model (off its grid with ``--dither`` seed, or as it is)."""
+    return f"default-fp32-dither{dither}" if dither else "default-fp32"
+
+
 def weights_at(src, method: str, G: int, k: int, qts) -> dict[str, torch.Tensor]:
     from bitdial.quant.uniform import quantize_rtn
 
@@ -117,7 +122,7 @@ def main() -> None:
     ids = src.tokenizer.encode((DATA / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8"))
     ref_model = Transformer(src.config, src.tensors).eval()
     ref = load_or_build_reference(model_logits_fn(ref_model), ids, ctx=a.ctx, max_windows=a.windows, top_k=64,
-                                  identity=f"default-fp32-dither{a.dither}" if a.dither else "default-fp32",
+                                  identity=reference_identity(a.dither),
                                   tail_samples=32)
     importance = None
     bits = [int(b) for b in a.bits.split(",")]

@@ -11,7 +11,7 @@ the multi-view search (`quantize_uniform(clip="search")`) and one search variant
   (``quantize_uniform(saliency=A)``; A = 0 is the plain squared error);
 * ``:maxk=K``: the saliency weights only in the errors of views k <= K, plain squared error above;
 * ``:wK=X``: view K's weight in the objective is X instead of 1.5 ** (8 - K);
-* ``:asal=A``: saliency A on the attention projections (``*.self_attn.*``) instead of ``sal``'s value
+* ``:asal=A``: saliency A on the attention projections (``uniform.SALIENCY_PATTERN``) instead of ``sal``'s value
   (``sal=0:asal=2`` is the artifact's default at G >= 128, ``default_saliency_map``);
 * ``:emax=X``: only the per-end expansions up to X among the search's candidates (default all, up to 1.125);
 * ``:cap=X[:capk=K]``: a candidate range whose error at a view k >= K (default 7) is more than X times the
@@ -34,10 +34,11 @@ import torch
 from rich.console import Console
 
 import bitdial.quant.uniform as U
+from bitdial.artifact.writer import match_pattern
 from bitdial.eval import kl_divergence, load_or_build_reference, model_logits_fn
 from bitdial.loading import load_model
 from bitdial.model.llama import Transformer
-from quality import DATA, dither_off_grid
+from quality import DATA, dither_off_grid, reference_identity
 
 ROOT = Path(__file__).resolve().parent
 
@@ -121,13 +122,13 @@ def main() -> None:
         dither_off_grid(src, a.dither)
     text = Path(a.text) if a.text else DATA / "wikitext-2-raw" / "wiki.valid.raw"
     ids = src.tokenizer.encode(text.read_text(encoding="utf-8"))
-    ident = (f"default-fp32-dither{a.dither}" if a.dither else "default-fp32") + ("" if a.text is None else f"-{text.stem}")
+    ident = reference_identity(a.dither) + ("" if a.text is None else f"-{text.stem}")
     ref = load_or_build_reference(model_logits_fn(Transformer(src.config, src.tensors).eval()), ids, ctx=512,
                                   max_windows=a.windows, top_k=64, identity=ident, tail_samples=32)
     t0 = time.perf_counter()
     qts = {}
     for n in [] if a.rtn else src.config.linear_names():
-        al = attn_alpha if attn_alpha is not None and ".self_attn." in n else alpha
+        al = attn_alpha if attn_alpha is not None and match_pattern(U.SALIENCY_PATTERN, n) else alpha
         U._search_ranges = search_ranges(al, maxk, cap, capk, library, emax)
         qts[n] = U.quantize_uniform(src.tensors[f"{n}.weight"], 8, a.group_size,
                                     clip="none" if a.nested else "search", saliency=0, bit_weights=weights)
