@@ -1,13 +1,16 @@
 """Quality of every k-bit view on the default model: KL divergence and perplexity vs full precision.
 
     python benchmarks/quality.py [--windows 16] [--ctx 512] [--groups 32,64,128] [--bits 2,3,4,5,6,7,8]
-                                 [--methods rtn,nested,search,calib,nonuniform] [--calib FILE]
+                                 [--methods rtn,nested,search,random,calib,nonuniform] [--calib FILE]
 
 Methods (all on the 210 linear layers; embeddings and the head stay full precision so the columns
 compare the linear-layer quantizers alone):
   rtn         plain round-to-nearest k-bit min/max quantization, stored separately for each k
   nested      nested uniform views of one 8-bit code, group range = min/max (clip none)
-  search      nested, with the multi-precision clipping search
+  search      nested, with the multi-precision clipping search, data-free (``bitdial quantize --calib none``:
+              plain squared error, the artifact's default saliency map)
+  random      search, errors weighted by activation importance measured on 4096 random token ids (the
+              default of ``bitdial quantize``: no text involved)
   calib       search, errors weighted by activation importance from --calib text (not the eval text)
   nonuniform  per-row sensitivity-weighted k-means seed + incremental upscaling (LUTs; no groups)
 
@@ -58,7 +61,7 @@ def quantize_all(src, method: str, G: int, importance=None):
         imp = importance.get(name) if importance else None
         if method == "nested":
             out[name] = quantize_uniform(W, 8, G, clip="none")
-        elif method in ("search", "calib"):
+        elif method in ("search", "random", "calib"):
             out[name] = quantize_uniform(W, 8, G, clip="search", importance=imp, saliency=saliency[name])
         elif method == "nonuniform":
             out[name] = quantize_nonuniform(W, 8, importance=imp)
@@ -103,7 +106,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--groups", default="32,64,128")
     ap.add_argument("--bits", default="2,3,4,5,6,7,8")
-    ap.add_argument("--methods", default="rtn,nested,search,calib,nonuniform")
+    ap.add_argument("--methods", default="rtn,nested,search,random,calib,nonuniform")
     ap.add_argument("--calib", default=str(DATA / "gutenberg" / "pg1342.txt"))
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--dither", type=int, default=0, metavar="SEED",
@@ -124,7 +127,7 @@ def main() -> None:
     ref = load_or_build_reference(model_logits_fn(ref_model), ids, ctx=a.ctx, max_windows=a.windows, top_k=64,
                                   identity=reference_identity(a.dither),
                                   tail_samples=32)
-    importance = None
+    importance: dict[str, dict] = {}  # method -> {module: importance}
     bits = [int(b) for b in a.bits.split(",")]
     groups = [int(g) for g in a.groups.split(",")]
     methods = a.methods.split(",")
@@ -146,11 +149,12 @@ def main() -> None:
             if not todo:
                 continue
             t0 = time.perf_counter()
-            if method == "calib" and importance is None:
-                from bitdial.quant.calibrate import collect_importance
+            if method in ("calib", "random") and method not in importance:
+                from bitdial.quant.calibrate import RANDOM, collect_importance
 
-                importance = collect_importance(src, a.calib, n_tokens=a.calib_tokens)
-            qts = None if method == "rtn" else quantize_all(src, method, G, importance if method in ("calib",) else None)
+                importance[method] = (collect_importance(src, a.calib, n_tokens=a.calib_tokens) if method == "calib"
+                                      else collect_importance(src, RANDOM, n_tokens=4096))
+            qts = None if method == "rtn" else quantize_all(src, method, G, importance.get(method))
             tq = time.perf_counter() - t0
             err.print(f"{method} G={G}: quantized in {tq:.0f} s")
             for k in todo:

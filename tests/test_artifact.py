@@ -85,6 +85,9 @@ def test_model_runs_at_every_width_and_map(tiny_art, tiny):
         assert (layer(x, bits=2) - ref).norm() < 1e-2 * ref.norm()
     with pytest.raises(BitdialError, match="stores 1..8 bits"):
         build_model(art, 9)
+    with pytest.raises(BitdialError, match="'layers.0.mlp.up' matches no module"):
+        build_model(art, {"layers.0.mlp.up": 3, "default": 5})  # a typo (up_proj) is not ignored
+    build_model(art, {"lm_head": 6, "default": 5})  # a tied head is a module a map may name
 
 
 def _copy(src, dst, data: bytes | None = None):
@@ -156,7 +159,10 @@ def test_bad_settings_are_clear_errors(tmp_path, tiny):
     for s, msg in ((QuantSettings(max_bits=9), "max-bits"), (QuantSettings(group_size=48), "group-size"),
                    (QuantSettings(method="gptq"), "method"), (QuantSettings(overrides={"*": 1}), "override"),
                    (QuantSettings(saliency=-1.0), "saliency"), (QuantSettings(saliency=float("inf")), "saliency"),
-                   (QuantSettings(saliency={"*.mlp.*": -2.0}), r"saliency for \*\.mlp\.\*")):
+                   (QuantSettings(saliency={"*.mlp.*": -2.0}), r"saliency for \*\.mlp\.\*"),
+                   # a pattern that matches no module is a typo, not a silent no-op
+                   (QuantSettings(overrides={"layer.*.mlp.*": 6}), r"--override layer\.\*\.mlp\.\*=6 matches no module"),
+                   (QuantSettings(saliency={"*.attn.*": 1.0}), r"--saliency \*\.attn\.\*=1\.0 matches no module")):
         with pytest.raises(BitdialError, match=msg):
             write_artifact(tiny, tmp_path / "x.bitdial", s, progress=False)
     with pytest.raises(BitdialError, match="end in .bitdial"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from bitdial.cli.main import app
@@ -99,15 +100,53 @@ def test_quantize_saliency_map_and_info(tmp_path, tiny_dir):
     from bitdial.artifact import update_metadata
 
     p = tmp_path / "s.bitdial"
-    run("quantize", tiny_dir, "-o", p, "-g", "128", "--saliency", "0", "--saliency", "*.mlp.*=1", "--no-source-hash")
+    r = run("quantize", tiny_dir, "-o", p, "-g", "128", "--saliency", "0", "--saliency", "*.mlp.*=1", "--no-source-hash",
+            env={"COLUMNS": "300"})
+    assert "--saliency has no effect with activation importance (--calib random)" in r.output
+    run("quantize", tiny_dir, "-o", p, "-g", "128", "--saliency", "0", "--saliency", "*.mlp.*=1", "--calib", "none",
+        "--no-source-hash")
     assert last_json(run("info", p, "--json"))["quant"]["saliency"] == {"*.mlp.*": 1.0, "default": 0.0}
     p2 = tmp_path / "d.bitdial"
-    run("quantize", tiny_dir, "-o", p2, "-g", "128", "--no-source-hash")
+    run("quantize", tiny_dir, "-o", p2, "-g", "128", "--calib", "none", "--no-source-hash")
     out = run("info", p2, env={"COLUMNS": "200"}).output
     assert "saliency *.self_attn.*=2, default 0" in out
     q = last_json(run("info", p2, "--json"))["quant"]
     update_metadata(p2, "quant", {**q, "saliency": 2.0})  # as an artifact of stops 22-24 stored it
     assert "clip search, saliency 2 " in run("info", p2, env={"COLUMNS": "200"}).output
+
+
+def test_quantize_calib_default_is_random_tokens(tmp_path, tiny_dir, calib_text):
+    """Without --calib the uniform search weighs errors by the importance measured on random token ids
+    (recorded as calib "random"); --calib none turns it off, --calib FILE uses a text; each changes ranges."""
+    from bitdial.artifact import open_artifact
+
+    arts = {}
+    for name, extra in (("random", []), ("none", ["--calib", "none"]), ("text", ["--calib", str(calib_text)])):
+        p = tmp_path / f"{name}.bitdial"
+        run("quantize", tiny_dir, "-o", p, "-g", "32", "--no-source-hash", *extra)
+        arts[name] = open_artifact(p)
+    assert arts["random"].meta["quant"]["calib"] == "random" and arts["none"].meta["quant"]["calib"] is None
+    assert arts["text"].meta["quant"]["calib"] == str(calib_text)
+    off = {k: a.tensor("layers.0.mlp.up_proj.offsets").float() for k, a in arts.items()}
+    assert not torch.equal(off["random"], off["none"]) and not torch.equal(off["random"], off["text"])
+    assert "calib random" in run("info", tmp_path / "random.bitdial", env={"COLUMNS": "200"}).output
+    # plain min/max ranges (--clip none) have nothing to weigh: no calibration by default
+    run("quantize", tiny_dir, "-o", tmp_path / "n.bitdial", "--clip", "none", "--no-source-hash")
+    assert open_artifact(tmp_path / "n.bitdial").meta["quant"]["calib"] is None
+
+
+def test_quantize_skips_default_calibration_when_memory_is_short(tmp_path, tiny_dir, monkeypatch):
+    """The default random-token pass runs the model in fp32; when that does not fit in the available memory
+    it is skipped with a warning (an explicit --calib random still runs)."""
+    from bitdial.artifact import open_artifact
+    from bitdial.control import telemetry
+
+    monkeypatch.setattr(telemetry.Memory, "read", lambda self: {"mem_available_bytes": 1 << 20, "mem_total_bytes": 1 << 30})
+    p = tmp_path / "short.bitdial"
+    r = run("quantize", tiny_dir, "-o", p, "--no-source-hash", env={"COLUMNS": "300"})
+    assert open_artifact(p).meta["quant"]["calib"] is None and "does not fit in the available" in r.output
+    run("quantize", tiny_dir, "-o", p, "--calib", "random", "--no-source-hash")
+    assert open_artifact(p).meta["quant"]["calib"] == "random"
 
 
 def test_errors_are_clear(tmp_path, tiny_dir):
@@ -119,6 +158,8 @@ def test_errors_are_clear(tmp_path, tiny_dir):
     assert r.exit_code == 2 and "--saliency must be a number >= 0" in r.output
     r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--saliency", "*.mlp.*=high", ok=False)
     assert r.exit_code == 2 and "PATTERN=NUMBER" in r.output
+    r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--calib", tmp_path / "nope.txt", ok=False)
+    assert r.exit_code == 2 and "nope.txt: no such file" in r.output and "'random'" in r.output
     assert not (tmp_path / "x.bitdial").exists()
     r = run("generate", "default", "-p", "x", "--bits", "4", ok=False)
     assert r.exit_code == 2 and "need a .bitdial artifact" in r.output

@@ -156,14 +156,34 @@ def test_importance_reduces_weighted_error():
     imp = torch.exp(torch.randn(200, generator=torch.Generator().manual_seed(6)) * 1.5)
     plain = quantize_uniform(W)
     weighted = quantize_uniform(W, importance=imp)
-    ratios = [err(weighted, W, k, imp) / err(plain, W, k, imp) for k in range(2, 7)]  # 2..6 bits
+    # importance weighs the views from IMPORTANCE_MIN_VIEW (3) bits up; the 2-bit view keeps the plain error
+    ratios = [err(weighted, W, k, imp) / err(plain, W, k, imp) for k in range(3, 7)]  # 3..6 bits
     assert all(r < 1.0 for r in ratios), ratios
     assert sum(ratios) < 0.95 * len(ratios), ratios
     # with the absolute objective the search minimizes exactly this sum per group over the same candidates
-    bw = {2: 1.0, 3: 1.0, 4: 1.0}
+    bw = {3: 1.0, 4: 1.0, 5: 1.0}
     a_plain = quantize_uniform(W, bit_weights=bw, objective="absolute")
     a_weighted = quantize_uniform(W, bit_weights=bw, objective="absolute", importance=imp)
     assert sum(err(a_weighted, W, k, imp) for k in bw) <= sum(err(a_plain, W, k, imp) for k in bw) * (1 + 1e-6)
+
+
+def test_importance_spares_the_lowest_views_and_weighs_the_top_ones():
+    """With importance the views below IMPORTANCE_MIN_VIEW keep the plain squared error (a 2-bit-only search
+    picks the same ranges with or without importance) and the top two views weigh IMPORTANCE_TOP_WEIGHT."""
+    from bitdial.quant.uniform import IMPORTANCE_MIN_VIEW, IMPORTANCE_TOP_WEIGHT, default_bit_weights
+
+    assert IMPORTANCE_MIN_VIEW == 3
+    W = heavy(24, 150, seed=7)  # K = 150: a partial last group, whose padding must weigh 0 in the plain error
+    imp = torch.exp(torch.randn(150, generator=torch.Generator().manual_seed(8)) * 1.5)
+    for bw in ({2: 1.0}, {1: 1.0, 2: 2.0}):
+        a, b = quantize_uniform(W, group_size=64, bit_weights=bw), quantize_uniform(W, group_size=64, bit_weights=bw,
+                                                                                     importance=imp)
+        assert torch.equal(a.scales, b.scales) and torch.equal(a.offsets, b.offsets)
+    c = quantize_uniform(W, group_size=64, bit_weights={3: 1.0}, importance=imp)
+    assert not torch.equal(c.offsets, quantize_uniform(W, group_size=64, bit_weights={3: 1.0}).offsets)
+    plain, weighted = default_bit_weights(8), default_bit_weights(8, importance=True)
+    assert weighted == {**plain, 7: IMPORTANCE_TOP_WEIGHT, 8: IMPORTANCE_TOP_WEIGHT} and plain[8] == 1.0
+    assert default_bit_weights(4, importance=True) == {2: 2.25, 3: 4.0, 4: 4.0}
 
 
 def test_partial_group_and_constant_group():

@@ -43,7 +43,7 @@ class QuantSettings:
     # saliency_map), or None = default_saliency_map(group_size)
     saliency: float | dict[str, float] | None = None
     overrides: dict[str, int] = field(default_factory=dict)  # {module pattern: max bits}
-    calib: str | None = None  # calibration text file (importance weighting), recorded for provenance
+    calib: str | None = None  # importance source recorded for provenance: a text file, "random" (token ids), None
 
     def validate(self) -> None:
         if self.method not in ("uniform", "nonuniform"):
@@ -79,6 +79,15 @@ def resolve_map(mapping: Mapping[str, Any], names: list[str], default: Any) -> d
     for n in names:
         out[n] = next((v for p, v in pats if match_pattern(p, n)), default)
     return out
+
+
+def unmatched_patterns(mapping: Mapping[str, Any], names: list[str]) -> list[str]:
+    """The patterns of a ``{module pattern: value}`` map (``"default"`` aside) that match none of ``names``:
+    almost always a typo, which would otherwise be ignored without a word."""
+    return [p for p in mapping if p != "default" and not any(match_pattern(p, n) for n in names)]
+
+
+MODULE_NAMES_HINT = "modules look like 'layers.0.self_attn.q_proj', 'layers.3.mlp.down_proj', 'embed_tokens'"
 
 
 def saliency_map(saliency: float | Mapping[str, float] | None, group_size: int) -> dict[str, float]:
@@ -142,6 +151,13 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
                    source_hash: bool = True) -> dict[str, Any]:
     """Quantize ``model`` into ``out`` (atomically). Returns a summary (sizes, bits per weight)."""
     settings.validate()
+    mods = quantized_modules(model)
+    user_saliency = settings.saliency if isinstance(settings.saliency, Mapping) else {}
+    for flag, mapping in (("--override", settings.overrides), ("--saliency", user_saliency)):
+        bad = unmatched_patterns(mapping, mods)
+        if bad:
+            raise BitdialError(f"{flag} {bad[0]}={mapping[bad[0]]} matches no module of the model "
+                               f"({MODULE_NAMES_HINT}; globs use * and ?, 're:' starts a regex)")
     # record the map the search used, never None
     settings = replace(settings, saliency=saliency_map(settings.saliency, settings.group_size))
     out = Path(out)
@@ -150,7 +166,6 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
     if not out.parent.exists():
         raise BitdialError(f"output directory {out.parent} does not exist")
     cfg = model.config
-    mods = quantized_modules(model)
     max_bits = resolve_map(settings.overrides, mods, settings.max_bits)
     saliency = resolve_map(settings.saliency, mods, 0.0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -326,6 +327,31 @@ def _saliency_option(values: list[str]) -> dict[str, float] | None:
     return out
 
 
+def _calib_source(calib: str | None, method: str, clip: str) -> str | None:
+    """``--calib``: a text file's path, ``"random"``, or None (no importance). Unset: random for the uniform
+    search, where the random-token importance is measured to help (docs/bitplanes.md, section 8), else none."""
+    if calib is None:
+        return "random" if method == "uniform" and clip == "search" else None
+    if calib.strip().lower() == "none":
+        return None
+    if calib == "random":
+        return calib
+    if not Path(calib).is_file():
+        raise BitdialError(f"--calib {calib}: no such file (give a UTF-8 text file, 'random' for random token ids, "
+                           "or 'none'; a file named random is ./random)")
+    return calib
+
+
+def _fits_in_memory(model) -> bool:
+    """Whether running the model in fp32 (its weights, twice for headroom) fits in the available memory."""
+    from bitdial.control.telemetry import Memory
+
+    avail = Memory().read()["mem_available_bytes"]
+    shapes = getattr(model.tensors, "shapes", None) or {n: tuple(t.shape) for n, t in model.tensors.items()}
+    need = 2 * 4 * sum(math.prod(s) for s in shapes.values())
+    return avail is None or need <= avail
+
+
 @app.command()
 def quantize(
     src: str = typer.Argument(..., help="Model to quantize: " + MODEL_HELP),
@@ -334,9 +360,9 @@ def quantize(
     group_size: int = typer.Option(64, "--group-size", "-g", help="Input columns per scale/offset group (32, 64, 128)."),
     method: str = typer.Option("uniform", "--method", help="uniform (nested, default) or nonuniform (per-row LUTs)."),
     clip: str = typer.Option("search", "--clip", help="search: pick each group's range for all widths at once; none: min/max."),
-    saliency: list[str] = typer.Option([], "--saliency", help="S or PATTERN=S (repeatable): without --calib, the search weighs each weight's error by 1 + S*(w/rms of its group)^2; 0: plain squared error. A bare S sets every module; PATTERN=S entries are layered over the default: 2 on the attention projections ('*.self_attn.*') at --group-size 128 and above, else 0."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: weight errors by activation importance."),
-    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Tokens of --calib to run."),
+    saliency: list[str] = typer.Option([], "--saliency", help="S or PATTERN=S (repeatable): with --calib none, the search weighs each weight's error by 1 + S*(w/rms of its group)^2; 0: plain squared error. A bare S sets every module; PATTERN=S entries are layered over the default: 2 on the attention projections ('*.self_attn.*') at --group-size 128 and above, else 0."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="FILE | random | none: weight the search's errors by each input column's activation importance (mean x^2), measured on a UTF-8 text FILE or on random token ids (no text needed). Default: random for the uniform search (the model runs once in fp32; skipped with a warning when that does not fit in memory), none otherwise."),
+    calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="Tokens to run for --calib (default 8192 of a text, 4096 random)."),
     override: list[str] = typer.Option([], "--override", help="PATTERN=BITS: a different maximum for matching modules (repeatable)."),
     no_hash: bool = typer.Option(False, "--no-source-hash", help="Skip hashing the source files (faster on huge models)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help=THREADS_HELP),
@@ -357,16 +383,25 @@ def quantize(
             if not sep or not pat or not b.isdigit():
                 raise BitdialError(f"--override {o!r}: expected PATTERN=BITS, e.g. 'lm_head=8' or '*.mlp.down_proj=6'")
             overrides[pat] = int(b)
+        calib_src = _calib_source(calib, method, clip)
         settings = QuantSettings(method=method, max_bits=max_bits, group_size=group_size, clip=clip,
-                                 saliency=_saliency_option(saliency), overrides=overrides,
-                                 calib=str(calib) if calib else None)
+                                 saliency=_saliency_option(saliency), overrides=overrides, calib=calib_src)
         settings.validate()
         model = load_model(src)
+        if calib is None and calib_src is not None and not _fits_in_memory(model):
+            log.warning("the model in fp32 does not fit in the available memory: quantizing without the random-token "
+                        "importance (--calib none); give --calib random or a text FILE to force it")
+            calib_src = settings.calib = None
+        if saliency and calib_src is not None:
+            log.warning("--saliency has no effect with activation importance (--calib %s): the measured importance "
+                        "replaces the data-free guess; add --calib none to use it", calib_src)
         importance = None
-        if calib is not None:
-            from bitdial.quant.calibrate import collect_importance
+        if calib_src is not None:
+            from bitdial.quant.calibrate import RANDOM, collect_importance
 
-            importance = collect_importance(model, calib, n_tokens=calib_tokens, progress=not json_out)
+            n = calib_tokens or (4096 if calib_src == RANDOM else 8192)
+            importance = collect_importance(model, calib_src if calib_src == RANDOM else Path(calib_src),
+                                            n_tokens=n, progress=not json_out)
         summary = write_artifact(model, output, settings, importance=importance, progress=not json_out,
                                  source_hash=not no_hash)
     except (BitdialError, FileNotFoundError, ValueError) as e:

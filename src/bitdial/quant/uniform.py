@@ -33,6 +33,8 @@ __all__ = [
     "view_errors",
     "CLIP_CANDIDATES",
     "DEFAULT_GROUP_SIZE",
+    "IMPORTANCE_MIN_VIEW",
+    "IMPORTANCE_TOP_WEIGHT",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,14 @@ BIT_WEIGHT_BASE = 1.5
 #: else. Measured on the default model by KL divergence (docs/bitplanes.md, section 8): at G = 128 it lowers
 #: the KL of the 3..5-bit views when the attention projections carry it, and raises that of the 7- and 8-bit
 #: views when the MLP projections do; at G = 32 and 64 it raises the KL at most views.
+#: With ``importance``, the search changes two things (measured by KL on the default model at G = 32, 64 and
+#: 128, docs/bitplanes.md section 8, "Stop 26"): the views below ``IMPORTANCE_MIN_VIEW`` bits keep the plain
+#: squared error (weighted, the 2-bit view gave up KL on one model of five), and the top two views weigh
+#: ``IMPORTANCE_TOP_WEIGHT`` instead of 1.5 and 1 (weighted by importance, the low views pull the ranges
+#: wider, which cost the 8-bit view 1.21x the KL of separate RTN; with 4 it is 0.75x).
+IMPORTANCE_MIN_VIEW = 3
+IMPORTANCE_TOP_WEIGHT = 4.0
+
 SALIENCY = 2.0
 SALIENCY_MIN_GROUP = 128
 SALIENCY_PATTERN = "*.self_attn.*"
@@ -188,11 +198,13 @@ def view_errors(Wg: torch.Tensor, wgt: torch.Tensor | None, lo: torch.Tensor, hi
 
 
 def _search_ranges(Wg: torch.Tensor, wgt: torch.Tensor | None, max_bits: int, bit_weights: dict[int, float],
-                   objective: str, factors=CLIP_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
+                   objective: str, factors=CLIP_CANDIDATES, low_views: tuple[int, ...] = (),
+                   low_wgt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group best range [M] over ``clip_candidates`` for the multi-view objective.
 
-    Groups are independent, so the search runs over chunks of ``_SEARCH_GROUPS`` groups: memory stays
-    bounded ([C, V, chunk] errors) even for a 49152 x 576 embedding.
+    The error of every view is weighted by ``wgt``, except the views in ``low_views``, weighted by ``low_wgt``
+    (both [M, G] or None for all 1). Groups are independent, so the search runs over chunks of
+    ``_SEARCH_GROUPS`` groups: memory stays bounded ([C, V, chunk] errors) even for a 49152 x 576 embedding.
     """
     if objective not in ("relative", "absolute"):
         raise ValueError(f"objective must be 'relative' or 'absolute', got {objective!r}")
@@ -206,7 +218,11 @@ def _search_ranges(Wg: torch.Tensor, wgt: torch.Tensor | None, max_bits: int, bi
         w_ = None if wgt is None else wgt[a:b]
         lo, hi = W_.min(dim=1).values, W_.max(dim=1).values  # [m]
         LO, HI = clip_candidates(lo, hi, factors)  # [C, m]
-        err = view_errors(W_, w_, LO, HI, max_bits, views)  # [C, V, m]
+        low = [k for k in views if k in low_views]
+        err = view_errors(W_, w_, LO, HI, max_bits, [k for k in views if k not in low_views])  # [C, V, m]
+        if low:  # views are sorted and low_views are the lowest ones: their rows go first
+            lw = None if low_wgt is None else low_wgt[a:b]
+            err = torch.cat([view_errors(W_, lw, LO, HI, max_bits, low), err], dim=1)
         if objective == "relative":
             # each view's error relative to the best any candidate reaches at that view for this group
             floor = err.min(dim=0, keepdim=True).values  # [1, V, m]
@@ -231,13 +247,19 @@ def default_saliency_map(group_size: int) -> dict[str, float]:
     return {"default": 0.0}
 
 
-def default_bit_weights(max_bits: int) -> dict[int, float]:
+def default_bit_weights(max_bits: int, importance: bool = False) -> dict[int, float]:
     """``{k: 1.5 ** (B - k)}`` for k = 2..B: the relative error of every view counts, lower views more.
 
     Measured (docs/bitplanes.md): equal weights cost the 2-bit view ~1% to gain 4..8% at 4..8 bits;
     1.5 ** (B - k) gains at every view from 2 to 7 bits and gives up ~1.7% at 8 bits, where it matters least.
+    With ``importance`` the views B - 1 and B weigh ``IMPORTANCE_TOP_WEIGHT`` (section 8, "Stop 26").
     """
-    return {k: BIT_WEIGHT_BASE ** (max_bits - k) for k in range(MIN_VIEW_BITS, max_bits + 1)}
+    bw = {k: BIT_WEIGHT_BASE ** (max_bits - k) for k in range(MIN_VIEW_BITS, max_bits + 1)}
+    if importance:
+        for k in (max_bits - 1, max_bits):
+            if k in bw:
+                bw[k] = max(bw[k], IMPORTANCE_TOP_WEIGHT)
+    return bw
 
 
 def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE,
@@ -253,9 +275,12 @@ def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAU
         clip: ``"search"`` (default) picks each group's range among the ``CLIP_CANDIDATES`` rescalings of
             [min, max]; ``"none"`` uses [min, max].
         bit_weights: {k: weight} of the views in the search objective; default ``1.5 ** (B - k)`` on
-            k = 2..B (``default_bit_weights``).
+            k = 2..B, with ``IMPORTANCE_TOP_WEIGHT`` on the top two views when ``importance`` is given
+            (``default_bit_weights``).
         importance: [K] per-input-column error weights (mean x^2 of the column's activations, like
-            llama.cpp's imatrix); None = all 1.
+            llama.cpp's imatrix, measured on text or on random token ids: ``bitdial.quant.calibrate``);
+            None = all 1. It weights the error of the views from ``IMPORTANCE_MIN_VIEW`` bits up; lower
+            views keep the plain squared error.
         objective: ``"relative"`` (default): ``sum_k bit_weights[k] * E_k / min_candidates E_k`` per group,
             where E_k is the (importance-weighted) squared error of view k, so each view counts by its
             regret rather than by its absolute error (which the 2-bit view would dominate 4**6 to 1 over the
@@ -284,7 +309,7 @@ def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAU
     L = (1 << max_bits) - 1
 
     if clip == "search":
-        bw = default_bit_weights(max_bits) if bit_weights is None else dict(bit_weights)
+        bw = default_bit_weights(max_bits, importance is not None) if bit_weights is None else dict(bit_weights)
         bw = {int(k): float(v) for k, v in bw.items() if float(v) > 0}
         if not bw or any(not 1 <= k <= max_bits for k in bw):
             raise ValueError(f"bit_weights must give a positive weight to at least one k in 1..{max_bits}, "
@@ -294,7 +319,13 @@ def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAU
             raise ValueError(f"saliency must be a finite number >= 0, got {saliency}")
         if sal > 0 and importance is None:
             wgt = _saliency_weights(Wg, wgt, sal)
-        lo, hi = _search_ranges(Wg, wgt, max_bits, bw, objective)  # [M]
+        if importance is None:
+            lo, hi = _search_ranges(Wg, wgt, max_bits, bw, objective)  # [M]
+        else:  # the lowest views keep the plain squared error (padding still weighs 0)
+            plain = _column_weights(K, G, None)  # [ng, G] or None
+            plain = None if plain is None else plain.unsqueeze(0).expand(N, ng, G).reshape(N * ng, G)
+            low = tuple(k for k in sorted(bw) if k < IMPORTANCE_MIN_VIEW)
+            lo, hi = _search_ranges(Wg, wgt, max_bits, bw, objective, low_views=low, low_wgt=plain)
     elif clip == "none":
         lo, hi = Wg.min(dim=1).values, Wg.max(dim=1).values  # [M]
     else:
