@@ -59,6 +59,14 @@ CLIP_CANDIDATES: tuple[tuple[float, float], ...] = (
 #: view k = 2..B (mild emphasis on low bits; see ``default_bit_weights``).
 BIT_WEIGHT_BASE = 1.5
 
+#: With ``importance``, the search changes two things (measured by KL on the default model at G = 32, 64 and
+#: 128, docs/bitplanes.md section 8, "Stop 26"): the views below ``IMPORTANCE_MIN_VIEW`` bits keep the plain
+#: squared error (weighted, the 2-bit view gave up KL on one model of five), and the top two views weigh
+#: ``IMPORTANCE_TOP_WEIGHT`` instead of 1.5 and 1 (weighted by importance, the low views pull the ranges
+#: wider, which cost the 8-bit view 1.21x the KL of separate RTN; with 4 it is 0.73x).
+IMPORTANCE_MIN_VIEW = 3
+IMPORTANCE_TOP_WEIGHT = 4.0
+
 #: Data-free saliency of the search (used when no ``importance`` is given): the squared error of weight w_j
 #: counts ``1 + saliency * (w_j / rms_g)**2``, rms_g the root mean square of its group, so a group's extreme
 #: weights are placed more precisely (the k-quants of llama.cpp weight by sigma^2 + w^2 without an importance
@@ -67,14 +75,6 @@ BIT_WEIGHT_BASE = 1.5
 #: else. Measured on the default model by KL divergence (docs/bitplanes.md, section 8): at G = 128 it lowers
 #: the KL of the 3..5-bit views when the attention projections carry it, and raises that of the 7- and 8-bit
 #: views when the MLP projections do; at G = 32 and 64 it raises the KL at most views.
-#: With ``importance``, the search changes two things (measured by KL on the default model at G = 32, 64 and
-#: 128, docs/bitplanes.md section 8, "Stop 26"): the views below ``IMPORTANCE_MIN_VIEW`` bits keep the plain
-#: squared error (weighted, the 2-bit view gave up KL on one model of five), and the top two views weigh
-#: ``IMPORTANCE_TOP_WEIGHT`` instead of 1.5 and 1 (weighted by importance, the low views pull the ranges
-#: wider, which cost the 8-bit view 1.21x the KL of separate RTN; with 4 it is 0.75x).
-IMPORTANCE_MIN_VIEW = 3
-IMPORTANCE_TOP_WEIGHT = 4.0
-
 SALIENCY = 2.0
 SALIENCY_MIN_GROUP = 128
 SALIENCY_PATTERN = "*.self_attn.*"
