@@ -150,10 +150,10 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             if method in ("calib", "random") and method not in importance:
-                from bitdial.quant.calibrate import RANDOM, collect_importance
+                from bitdial.quant.calibrate import RANDOM, RANDOM_TOKENS, collect_importance
 
                 importance[method] = (collect_importance(src, a.calib, n_tokens=a.calib_tokens) if method == "calib"
-                                      else collect_importance(src, RANDOM, n_tokens=4096))
+                                      else collect_importance(src, RANDOM, n_tokens=RANDOM_TOKENS))
             qts = None if method == "rtn" else quantize_all(src, method, G, importance.get(method))
             tq = time.perf_counter() - t0
             err.print(f"{method} G={G}: quantized in {tq:.0f} s")

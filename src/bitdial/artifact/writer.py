@@ -88,6 +88,8 @@ def unmatched_patterns(mapping: Mapping[str, Any], names: list[str]) -> list[str
 
 
 MODULE_NAMES_HINT = "modules look like 'layers.0.self_attn.q_proj', 'layers.3.mlp.down_proj', 'embed_tokens'"
+#: what an unmatched-pattern error adds after the module names
+PATTERN_HINT = f"{MODULE_NAMES_HINT}; globs use * and ?, 're:' starts a regex"
 
 
 def saliency_map(saliency: float | Mapping[str, float] | None, group_size: int) -> dict[str, float]:
@@ -157,7 +159,7 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
         bad = unmatched_patterns(mapping, mods)
         if bad:
             raise BitdialError(f"{flag} {bad[0]}={mapping[bad[0]]} matches no module of the model "
-                               f"({MODULE_NAMES_HINT}; globs use * and ?, 're:' starts a regex)")
+                               f"({PATTERN_HINT})")
     # record the map the search used, never None
     settings = replace(settings, saliency=saliency_map(settings.saliency, settings.group_size))
     out = Path(out)

@@ -397,9 +397,9 @@ def quantize(
                         "replaces the data-free guess; add --calib none to use it", calib_src)
         importance = None
         if calib_src is not None:
-            from bitdial.quant.calibrate import RANDOM, collect_importance
+            from bitdial.quant.calibrate import RANDOM, RANDOM_TOKENS, collect_importance
 
-            n = calib_tokens or (4096 if calib_src == RANDOM else 8192)
+            n = calib_tokens or (RANDOM_TOKENS if calib_src == RANDOM else 8192)
             importance = collect_importance(model, calib_src if calib_src == RANDOM else Path(calib_src),
                                             n_tokens=n, progress=not json_out)
         summary = write_artifact(model, output, settings, importance=importance, progress=not json_out,

@@ -38,7 +38,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bitdial.artifact.writer import match_pattern
+from bitdial.artifact.writer import MODULE_NAMES_HINT, match_pattern
 from bitdial.errors import BitdialError, BudgetError
 from bitdial.planning.common import (PlanError, artifact_identity, fixed_modules, head_source, module_bit_range,
                                      parse_size, utc_now)
@@ -381,8 +381,7 @@ def build_problem(art, profile, budgets: Budgets, *, device=None, pins: dict[str
                 break
     for p, ok in used_pins.items():
         if not ok:
-            raise PlanError(f"--pin {p}={pins[p]} matches no module of {art.path.name} (modules look like "
-                            f"'layers.0.self_attn.q_proj', 'layers.3.mlp.down_proj', 'embed_tokens')")
+            raise PlanError(f"--pin {p}={pins[p]} matches no module of {art.path.name} ({MODULE_NAMES_HINT})")
     for n, b in pinned.items():
         lo, hi = int(art.modules[n]["min_bits"]), int(art.modules[n]["max_bits"])
         if not lo <= b <= hi:

@@ -3,7 +3,8 @@ importance matrix: weighting the quantization error by it protects the columns t
 
 ``calib="random"`` needs no text: the model reads uniformly random token ids. Which input columns carry
 large activations is mostly a property of the model (its residual stream's outlier channels), not of the
-text, so random tokens find most of them (docs/bitplanes.md, section 8, "Importance from random tokens")."""
+text, so random tokens find most of them (docs/bitplanes.md, section 8, "Stop 26: importance from random
+tokens")."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: ``collect_importance(calib=RANDOM)``: random token ids instead of a text file.
 RANDOM = "random"
+#: tokens of the random calibration that ``bitdial quantize`` runs by default (the measured setting)
+RANDOM_TOKENS = 4096
 
 
 def random_ids(vocab_size: int, n_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -60,7 +63,8 @@ def collect_importance(model: LoadedModel, calib: str | Path, *, n_tokens: int =
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         hooks.append(mod.register_forward_pre_hook(hook))
-    if isinstance(calib, str) and calib == RANDOM:
+    use_random = isinstance(calib, str) and calib == RANDOM
+    if use_random:
         if n_tokens < 16:
             raise ValueError(f"random calibration needs at least 16 tokens, got {n_tokens}")
         ids = random_ids(model.config.vocab_size, n_tokens, seed)
@@ -82,5 +86,5 @@ def collect_importance(model: LoadedModel, calib: str | Path, *, n_tokens: int =
     if "lm_head" in imp and "lm_head.weight" not in model.tensors:
         imp["embed_tokens"] = imp.pop("lm_head")
     log.info("importance collected on %d %s tokens for %d modules", len(ids),
-             "random" if isinstance(calib, str) and calib == RANDOM else "calibration", len(imp))
+             "random" if use_random else "calibration", len(imp))
     return imp

@@ -304,8 +304,10 @@ def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAU
     Wg3 = _grouped(W, G)  # [N, ng, G]
     ng = Wg3.shape[1]
     Wg = Wg3.reshape(N * ng, G)  # [M, G]
-    colw = _column_weights(K, G, importance)  # [ng, G] or None
-    wgt = None if colw is None else colw.unsqueeze(0).expand(N, ng, G).reshape(N * ng, G)  # [M, G]
+    def per_weight(colw: torch.Tensor | None) -> torch.Tensor | None:  # [ng, G] column weights -> [M, G]
+        return None if colw is None else colw.unsqueeze(0).expand(N, ng, G).reshape(N * ng, G)
+
+    wgt = per_weight(_column_weights(K, G, importance))  # [M, G] or None
     L = (1 << max_bits) - 1
 
     if clip == "search":
@@ -322,8 +324,7 @@ def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAU
         if importance is None:
             lo, hi = _search_ranges(Wg, wgt, max_bits, bw, objective)  # [M]
         else:  # the lowest views keep the plain squared error (padding still weighs 0)
-            plain = _column_weights(K, G, None)  # [ng, G] or None
-            plain = None if plain is None else plain.unsqueeze(0).expand(N, ng, G).reshape(N * ng, G)
+            plain = per_weight(_column_weights(K, G, None))  # [M, G] or None
             low = tuple(k for k in sorted(bw) if k < IMPORTANCE_MIN_VIEW)
             lo, hi = _search_ranges(Wg, wgt, max_bits, bw, objective, low_views=low, low_wgt=plain)
     elif clip == "none":

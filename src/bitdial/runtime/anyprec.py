@@ -21,7 +21,7 @@ from torch import nn
 
 from bitdial import kernels as _kernels
 from bitdial.artifact.reader import Artifact, open_artifact
-from bitdial.artifact.writer import MODULE_NAMES_HINT, resolve_map, unmatched_patterns
+from bitdial.artifact.writer import PATTERN_HINT, resolve_map, unmatched_patterns
 from bitdial.errors import BitdialError
 from bitdial.model.llama import Transformer
 from bitdial.quant.bitplanes import unpack_planes
@@ -285,8 +285,7 @@ def _parse_bits(bits: int | Mapping[str, int] | None, names: list[str], art: Art
     elif isinstance(bits, Mapping):
         bad = unmatched_patterns(bits, names + ["lm_head"])
         if bad:
-            raise BitdialError(f"bits map: {bad[0]!r} matches no module of the artifact ({MODULE_NAMES_HINT}; "
-                               "globs use * and ?, 're:' starts a regex)")
+            raise BitdialError(f"bits map: {bad[0]!r} matches no module of the artifact ({PATTERN_HINT})")
         chosen = resolve_map(bits, names, None)
         chosen = {n: (maxb[n] if v is None else int(v)) for n, v in chosen.items()}
     else:
