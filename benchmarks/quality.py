@@ -1,7 +1,7 @@
 """Quality of every k-bit view on the default model: KL divergence and perplexity vs full precision.
 
     python benchmarks/quality.py [--windows 16] [--ctx 512] [--groups 32,64,128] [--bits 2,3,4,5,6,7,8]
-                                 [--methods rtn,nested,search,random,calib,nonuniform] [--calib FILE]
+                                 [--methods rtn,nested,search,random,guard,calib,nonuniform] [--calib FILE]
 
 Methods (all on the 210 linear layers; embeddings and the head stay full precision so the columns
 compare the linear-layer quantizers alone):
@@ -9,8 +9,10 @@ compare the linear-layer quantizers alone):
   nested      nested uniform views of one 8-bit code, group range = min/max (clip none)
   search      nested, with the multi-precision clipping search, data-free (``bitdial quantize --calib none``:
               plain squared error, the artifact's default saliency map)
-  random      search, errors weighted by activation importance measured on 4096 random token ids (the
-              default of ``bitdial quantize``: no text involved)
+  random      search, errors weighted by activation importance measured on 4096 random token ids, at G = 64
+              the value projections' 2-bit view guarded (the default of ``bitdial quantize``: no text involved)
+  guard       random, with the guard of G = 64 at every group size (the ablation of docs/bitplanes.md §8,
+              "Stop 27")
   calib       search, errors weighted by activation importance from --calib text (not the eval text)
   nonuniform  per-row sensitivity-weighted k-means seed + incremental upscaling (LUTs; no groups)
 
@@ -52,17 +54,22 @@ def quantize_all(src, method: str, G: int, importance=None):
     """{module: QuantizedTensor at 8 bits} for every linear (or {module: {k: W_k}} for rtn)."""
     from bitdial.artifact.writer import resolve_map, saliency_map
     from bitdial.quant.nonuniform import quantize_nonuniform
-    from bitdial.quant.uniform import quantize_uniform
+    from bitdial.quant.uniform import default_guard_map, quantize_uniform
 
     out = {}
     saliency = resolve_map(saliency_map(None, G), src.config.linear_names(), 0.0)  # the artifact's default
+    guard = resolve_map(default_guard_map(G), src.config.linear_names(), ())  # ditto, with importance
     for name in src.config.linear_names():
         W = src.tensors[f"{name}.weight"]
         imp = importance.get(name) if importance else None
         if method == "nested":
             out[name] = quantize_uniform(W, 8, G, clip="none")
         elif method in ("search", "random", "calib"):
-            out[name] = quantize_uniform(W, 8, G, clip="search", importance=imp, saliency=saliency[name])
+            out[name] = quantize_uniform(W, 8, G, clip="search", importance=imp, saliency=saliency[name],
+                                         guard=guard[name] if imp is not None else ())
+        elif method == "guard":  # ablation: random, with the value projections' guard at every group size
+            out[name] = quantize_uniform(W, 8, G, clip="search", importance=imp,
+                                         guard=resolve_map(default_guard_map(64), [name], ())[name])
         elif method == "nonuniform":
             out[name] = quantize_nonuniform(W, 8, importance=imp)
     return out
@@ -149,11 +156,12 @@ def main() -> None:
             if not todo:
                 continue
             t0 = time.perf_counter()
-            if method in ("calib", "random") and method not in importance:
+            if method in ("calib", "random", "guard") and method not in importance:
                 from bitdial.quant.calibrate import RANDOM, RANDOM_TOKENS, collect_importance
 
                 importance[method] = (collect_importance(src, a.calib, n_tokens=a.calib_tokens) if method == "calib"
-                                      else collect_importance(src, RANDOM, n_tokens=RANDOM_TOKENS))
+                                      else importance.get("random") or importance.get("guard")
+                                      or collect_importance(src, RANDOM, n_tokens=RANDOM_TOKENS))
             qts = None if method == "rtn" else quantize_all(src, method, G, importance.get(method))
             tq = time.perf_counter() - t0
             err.print(f"{method} G={G}: quantized in {tq:.0f} s")

@@ -228,6 +228,45 @@ def test_saliency_is_a_per_module_map(tmp_path, tiny):
     assert torch.equal(offsets(p5, q), offsets(p3, q)) and torch.equal(offsets(p5, up), offsets(p2, up))
 
 
+def test_guard_map_applies_with_importance(tmp_path, tiny):
+    """With importance at G = 64 the writer guards the value projections' 2-bit view (default_guard_map) and
+    records the map; at G = 32 or without importance nothing is guarded; a user map replaces the default;
+    bad maps are errors."""
+    from bitdial.quant.calibrate import RANDOM, collect_importance
+    from bitdial.quant.uniform import quantize_uniform
+
+    imp = collect_importance(tiny, RANDOM, n_tokens=64, ctx=32, progress=False)
+    v, q, up = "layers.0.self_attn.v_proj", "layers.0.self_attn.q_proj", "layers.0.mlp.up_proj"
+
+    def write(name, imp=imp, **kw):
+        p = tmp_path / f"{name}.bitdial"
+        write_artifact(tiny, p, QuantSettings(calib=RANDOM if imp else None, **kw), importance=imp, progress=False,
+                       source_hash=False)
+        return open_artifact(p)
+
+    def ref(mod, guard, G=64):
+        return quantize_uniform(tiny.tensors[f"{mod}.weight"], 8, G, importance=imp[mod], guard=guard).offsets
+
+    art = write("g", group_size=64)
+    assert art.meta["quant"]["guard"] == {"*.self_attn.v_proj": [2], "default": []}
+    assert torch.equal(art.tensor(f"{v}.offsets"), ref(v, (2,))) and not torch.equal(ref(v, (2,)), ref(v, ()))
+    assert torch.equal(art.tensor(f"{q}.offsets"), ref(q, ()))
+    art = write("g32", group_size=32)
+    assert art.meta["quant"]["guard"] == {"default": []}
+    assert torch.equal(art.tensor(f"{v}.offsets"), ref(v, (), 32))
+    assert write("n", imp=None, group_size=64).meta["quant"]["guard"] == {"default": []}
+    art = write("u", group_size=64, guard={"*.mlp.*": [2, 3]})
+    assert art.meta["quant"]["guard"] == {"*.mlp.*": [2, 3], "default": []}
+    assert torch.equal(art.tensor(f"{up}.offsets"), ref(up, (2, 3))) and torch.equal(art.tensor(f"{v}.offsets"),
+                                                                                       ref(v, ()))
+    for g, msg in (({"*.attn.*": [2]}, r"guard \*\.attn\.\*=\[2\] matches no module"),
+                   ({"*.mlp.*": [9]}, r"guard \*\.mlp\.\*: expected a list of bit widths in 2\.\.8"),
+                   ({"*.mlp.*": "2"}, "expected a list of bit widths"), ({"*.mlp.*": 2}, "got 2")):
+        with pytest.raises(BitdialError, match=msg):
+            write("bad", group_size=64, guard=g)
+    assert not (tmp_path / "bad.bitdial").exists()
+
+
 def test_loading_maps_without_reading(tmp_path, smol):
     """RSS right after opening the default model's artifact stays far below the file size."""
     p = tmp_path / "smol.bitdial"

@@ -123,13 +123,25 @@ def test_quantize_calib_default_is_random_tokens(tmp_path, tiny_dir, calib_text)
     arts = {}
     for name, extra in (("random", []), ("none", ["--calib", "none"]), ("text", ["--calib", str(calib_text)])):
         p = tmp_path / f"{name}.bitdial"
-        run("quantize", tiny_dir, "-o", p, "-g", "32", "--no-source-hash", *extra)
+        run("quantize", tiny_dir, "-o", p, "-g", "64", "--no-source-hash", *extra)
         arts[name] = open_artifact(p)
     assert arts["random"].meta["quant"]["calib"] == "random" and arts["none"].meta["quant"]["calib"] is None
     assert arts["text"].meta["quant"]["calib"] == str(calib_text)
     off = {k: a.tensor("layers.0.mlp.up_proj.offsets").float() for k, a in arts.items()}
     assert not torch.equal(off["random"], off["none"]) and not torch.equal(off["random"], off["text"])
-    assert "calib random" in run("info", tmp_path / "random.bitdial", env={"COLUMNS": "200"}).output
+    info = run("info", tmp_path / "random.bitdial", env={"COLUMNS": "200"}).output
+    assert "calib random, guard *.self_attn.v_proj=2" in info
+    assert arts["none"].meta["quant"]["guard"] == {"default": []}
+    assert "guard" not in run("info", tmp_path / "none.bitdial", env={"COLUMNS": "200"}).output
+    # --guard none turns the default guard off; a PATTERN=BITS map replaces it
+    for name, extra, want in (("g0", ["--guard", "none"], {"default": []}),
+                              ("g1", ["--guard", "*.mlp.*=2,3"], {"*.mlp.*": [2, 3], "default": []})):
+        run("quantize", tiny_dir, "-o", tmp_path / f"{name}.bitdial", "--no-source-hash", *extra)
+        arts[name] = open_artifact(tmp_path / f"{name}.bitdial")
+        assert arts[name].meta["quant"]["guard"] == want
+    v = "layers.0.self_attn.v_proj.offsets"
+    assert not torch.equal(arts["g0"].tensor(v), arts["random"].tensor(v))
+    assert torch.equal(arts["g1"].tensor(v), arts["g0"].tensor(v))
     # plain min/max ranges (--clip none) have nothing to weigh: no calibration by default
     run("quantize", tiny_dir, "-o", tmp_path / "n.bitdial", "--clip", "none", "--no-source-hash")
     assert open_artifact(tmp_path / "n.bitdial").meta["quant"]["calib"] is None
@@ -158,6 +170,11 @@ def test_errors_are_clear(tmp_path, tiny_dir):
     assert r.exit_code == 2 and "--saliency must be a number >= 0" in r.output
     r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--saliency", "*.mlp.*=high", ok=False)
     assert r.exit_code == 2 and "PATTERN=NUMBER" in r.output
+    for g in ("*.mlp.*=two", "2", "none=2"):
+        r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--guard", g, ok=False)
+        assert r.exit_code == 2 and "PATTERN=BITS[,BITS]" in r.output, g
+    r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--guard", "*.mlp.*=9", ok=False)
+    assert r.exit_code == 2 and "bit widths in 2..8" in r.output
     r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--calib", tmp_path / "nope.txt", ok=False)
     assert r.exit_code == 2 and "nope.txt: no such file" in r.output and "'random'" in r.output
     assert not (tmp_path / "x.bitdial").exists()

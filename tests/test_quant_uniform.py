@@ -186,6 +186,35 @@ def test_importance_spares_the_lowest_views_and_weighs_the_top_ones():
     assert default_bit_weights(4, importance=True) == {2: 2.25, 3: 4.0, 4: 4.0}
 
 
+def test_guard_keeps_a_view_no_worse_than_nesting_in_every_group():
+    """guard=(2,): no group's 2-bit error exceeds that of its plain [min, max] range (clip none), while the
+    unguarded importance search does exceed it in some groups; guard views outside the objective are errors."""
+    from bitdial.quant.uniform import GUARD_PATTERN, default_guard_map
+
+    W = heavy(40, 150, seed=11)  # a partial last group too
+    imp = torch.exp(torch.randn(150, generator=torch.Generator().manual_seed(12)) * 1.5)
+    nested = quantize_uniform(W, group_size=64, clip="none")
+
+    def group_err(qt, k):  # [N, n_groups] plain squared error of view k
+        d = torch.nn.functional.pad(W - qt.dequantize(k), (0, 192 - 150))
+        return (d * d).reshape(40, 3, 64).sum(-1)
+
+    free = quantize_uniform(W, group_size=64, importance=imp)
+    guarded = quantize_uniform(W, group_size=64, importance=imp, guard=(2,))
+    ref = group_err(nested, 2)
+    assert (group_err(free, 2) > ref * (1 + 1e-6)).any()  # the guard has something to do
+    assert (group_err(guarded, 2) <= ref * (1 + 1e-6)).all()
+    assert not torch.equal(guarded.offsets, free.offsets)
+    # the views it does not guard still gain over plain nesting on the importance-weighted error
+    wk = lambda qt, k: ((W - qt.dequantize(k)) ** 2 * imp).sum()  # noqa: E731
+    assert all(wk(guarded, k) < wk(nested, k) for k in (3, 4, 5))
+    assert default_guard_map(64) == {GUARD_PATTERN: (2,), "default": ()}
+    assert default_guard_map(32) == default_guard_map(128) == {"default": ()}
+    for bad, bw in (((9,), None), ((2,), {3: 1.0})):
+        with pytest.raises(ValueError, match="guard views"):
+            quantize_uniform(W, group_size=64, importance=imp, guard=bad, bit_weights=bw)
+
+
 def test_partial_group_and_constant_group():
     W = heavy(3, 70, seed=7)
     W[1, :64] = 0.3  # a constant group: scale 0, exact at every view

@@ -44,6 +44,10 @@ class QuantSettings:
     saliency: float | dict[str, float] | None = None
     overrides: dict[str, int] = field(default_factory=dict)  # {module pattern: max bits}
     calib: str | None = None  # importance source recorded for provenance: a text file, "random" (token ids), None
+    # views (bit widths) of each module that the search with importance keeps no worse than plain nesting in
+    # every group (quant.uniform): a {module pattern: [bits, ...]} map, or None = default_guard_map(G); the
+    # artifact records the map it used ({"default": []} without importance)
+    guard: dict[str, list[int]] | None = None
 
     def validate(self) -> None:
         if self.method not in ("uniform", "nonuniform"):
@@ -58,6 +62,10 @@ class QuantSettings:
                 where = "" if pat == "default" else f" for {pat}"
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
                     raise BitdialError(f"--saliency{where} must be a number >= 0 (0 turns it off), got {v!r}")
+        for pat, views in (self.guard or {}).items():
+            if not isinstance(views, (list, tuple)) or not all(isinstance(k, int) and not isinstance(k, bool)
+                                                               and 2 <= k <= self.max_bits for k in views):
+                raise BitdialError(f"guard {pat}: expected a list of bit widths in 2..{self.max_bits}, got {views!r}")
         for pat, b in self.overrides.items():
             if not 2 <= int(b) <= 8:
                 raise BitdialError(f"--override {pat}={b}: bits must be in 2..8")
@@ -90,6 +98,22 @@ def unmatched_patterns(mapping: Mapping[str, Any], names: list[str]) -> list[str
 MODULE_NAMES_HINT = "modules look like 'layers.0.self_attn.q_proj', 'layers.3.mlp.down_proj', 'embed_tokens'"
 #: what an unmatched-pattern error adds after the module names
 PATTERN_HINT = f"{MODULE_NAMES_HINT}; globs use * and ?, 're:' starts a regex"
+
+
+def guard_map(guard: Mapping[str, Any] | None, importance: bool, group_size: int) -> dict[str, list[int]]:
+    """The search's ``{module pattern: guarded views}`` map as recorded, always with a ``"default"``.
+
+    It only applies to the uniform search with importance (``importance`` False: ``{"default": []}``).
+    None is ``default_guard_map(group_size)``.
+    """
+    from bitdial.quant.uniform import default_guard_map
+
+    if not importance:
+        return {"default": []}
+    g = default_guard_map(group_size) if guard is None else guard
+    out = {str(p): sorted(int(k) for k in v) for p, v in g.items() if p != "default"}
+    out["default"] = sorted(int(k) for k in g.get("default", ()))
+    return out
 
 
 def saliency_map(saliency: float | Mapping[str, float] | None, group_size: int) -> dict[str, float]:
@@ -137,12 +161,13 @@ def _module_tensor_specs(mod: str, method: str, B: int, G: int, N: int, K: int) 
 
 
 def quantize_tensor(W: torch.Tensor, method: str, max_bits: int, group_size: int, clip: str,
-                    importance: torch.Tensor | None, saliency: float = 0.0):
+                    importance: torch.Tensor | None, saliency: float = 0.0, guard: tuple[int, ...] = ()):
     if method == "uniform":
         from bitdial.quant.uniform import quantize_uniform
 
+        guard = tuple(k for k in guard if k <= max_bits) if clip == "search" else ()  # per-module max bits
         return quantize_uniform(W, max_bits=max_bits, group_size=group_size, clip=clip, importance=importance,
-                                saliency=saliency)
+                                saliency=saliency, guard=guard)
     from bitdial.quant.nonuniform import quantize_nonuniform
 
     return quantize_nonuniform(W, max_bits=max_bits, importance=importance)
@@ -155,13 +180,16 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
     settings.validate()
     mods = quantized_modules(model)
     user_saliency = settings.saliency if isinstance(settings.saliency, Mapping) else {}
-    for flag, mapping in (("--override", settings.overrides), ("--saliency", user_saliency)):
+    for flag, mapping in (("--override", settings.overrides), ("--saliency", user_saliency),
+                          ("guard", settings.guard or {})):
         bad = unmatched_patterns(mapping, mods)
         if bad:
             raise BitdialError(f"{flag} {bad[0]}={mapping[bad[0]]} matches no module of the model "
                                f"({PATTERN_HINT})")
     # record the map the search used, never None
-    settings = replace(settings, saliency=saliency_map(settings.saliency, settings.group_size))
+    settings = replace(settings, saliency=saliency_map(settings.saliency, settings.group_size),
+                       guard=guard_map(settings.guard, importance is not None and settings.method == "uniform"
+                                       and settings.clip == "search", settings.group_size))
     out = Path(out)
     if out.suffix != ".bitdial":
         raise BitdialError(f"output {out} should end in .bitdial")
@@ -170,6 +198,7 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
     cfg = model.config
     max_bits = resolve_map(settings.overrides, mods, settings.max_bits)
     saliency = resolve_map(settings.saliency, mods, 0.0)
+    guard = resolve_map(settings.guard, mods, [])
 
     # ---- plan every tensor and module ---------------------------------------------------------
     modules: dict[str, Any] = {}
@@ -258,7 +287,7 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
                 W = model.tensors[f"{mod}.weight"]
                 imp = importance.get(mod) if importance else None
                 qt = quantize_tensor(W, m["method"], m["max_bits"], settings.group_size, settings.clip, imp,
-                                     saliency[mod])
+                                     saliency[mod], tuple(guard[mod]))
                 for name, t in qt.to_tensors(mod).items():
                     put(name, t)
                 stats["weights"] += W.numel()

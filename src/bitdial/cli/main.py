@@ -211,8 +211,10 @@ def _artifact_info(path: str, json_out: bool, verify: bool) -> None:
         # saliency only shapes a uniform search without calibration (absent in artifacts older than it)
         searched = q["method"] == "uniform" and q["clip"] == "search" and not q.get("calib")
         sal = f", saliency {_saliency_text(q['saliency'])}" if searched and q.get("saliency") is not None else ""
+        guard = {p: v for p, v in (q.get("guard") or {}).items() if v}  # absent before stop 27
+        grd = ", guard " + ", ".join(f"{p}={','.join(map(str, v))}" for p, v in guard.items()) if guard else ""
         t.add_row("quantization", f"{q['method']}, max {q['max_bits']} bits, group {q['group_size']}, "
-                  f"clip {q['clip']}{sal}" + (f", calib {q['calib']}" if q.get("calib") else ""))
+                  f"clip {q['clip']}{sal}" + (f", calib {q['calib']}" if q.get("calib") else "") + grd)
         if q.get("overrides"):
             t.add_row("overrides", ", ".join(f"{k}={v}" for k, v in q["overrides"].items()))
         t.add_row("file", f"{art.file_bytes / 2**20:.1f} MiB, {data['bits_per_weight_file']:.3f} bits/weight")
@@ -327,6 +329,26 @@ def _saliency_option(values: list[str]) -> dict[str, float] | None:
     return out
 
 
+def _guard_option(values: list[str]) -> dict[str, list[int]] | None:
+    """``--guard none`` / ``--guard PATTERN=BITS[,BITS]`` (repeatable) as a {pattern: [bits]} map that replaces
+    the default (modules it does not match guard nothing); none given: None (the default map)."""
+    if not values:
+        return None
+    if values == ["none"]:
+        return {"default": []}
+    out: dict[str, list[int]] = {"default": []}
+    for v in values:
+        pat, sep, bits = v.rpartition("=")
+        try:
+            if not sep or not pat or pat == "none":
+                raise ValueError
+            out[pat] = [int(b) for b in bits.split(",")]
+        except ValueError:
+            raise BitdialError(f"--guard {v!r}: expected 'none' or PATTERN=BITS[,BITS], e.g. "
+                               "'*.self_attn.v_proj=2'") from None
+    return out
+
+
 def _calib_source(calib: str | None, method: str, clip: str) -> str | None:
     """``--calib``: a text file's path, ``"random"``, or None (no importance). Unset: random for the uniform
     search, where the random-token importance is measured to help (docs/bitplanes.md, section 8), else none."""
@@ -362,6 +384,7 @@ def quantize(
     clip: str = typer.Option("search", "--clip", help="search: pick each group's range for all widths at once; none: min/max."),
     saliency: list[str] = typer.Option([], "--saliency", help="S or PATTERN=S (repeatable): with --calib none, the search weighs each weight's error by 1 + S*(w/rms of its group)^2; 0: plain squared error. A bare S sets every module; PATTERN=S entries are layered over the default: 2 on the attention projections ('*.self_attn.*') at --group-size 128 and above, else 0."),
     calib: Optional[str] = typer.Option(None, "--calib", help="FILE | random | none: weight the search's errors by each input column's activation importance (mean x^2), measured on a UTF-8 text FILE or on random token ids (no text needed). Default: random for the uniform search (the model runs once in fp32; skipped with a warning when that does not fit in memory), none otherwise."),
+    guard: list[str] = typer.Option([], "--guard", help="PATTERN=BITS[,BITS] (repeatable) | none: with importance, the matching modules' views of these widths are kept no worse than plain nesting (clip none) in every group. The given map replaces the default: '*.self_attn.v_proj=2' at --group-size 64, none otherwise."),
     calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="Tokens to run for --calib (default 8192 of a text, 4096 random)."),
     override: list[str] = typer.Option([], "--override", help="PATTERN=BITS: a different maximum for matching modules (repeatable)."),
     no_hash: bool = typer.Option(False, "--no-source-hash", help="Skip hashing the source files (faster on huge models)."),
@@ -385,7 +408,8 @@ def quantize(
             overrides[pat] = int(b)
         calib_src = _calib_source(calib, method, clip)
         settings = QuantSettings(method=method, max_bits=max_bits, group_size=group_size, clip=clip,
-                                 saliency=_saliency_option(saliency), overrides=overrides, calib=calib_src)
+                                 saliency=_saliency_option(saliency), overrides=overrides, calib=calib_src,
+                                 guard=_guard_option(guard))
         settings.validate()
         model = load_model(src)
         if calib is None and calib_src is not None and not _fits_in_memory(model):
@@ -395,6 +419,9 @@ def quantize(
         if saliency and calib_src is not None:
             log.warning("--saliency has no effect with activation importance (--calib %s): the measured importance "
                         "replaces the data-free guess; add --calib none to use it", calib_src)
+        if guard and guard != ["none"] and calib_src is None:
+            log.warning("--guard has no effect without activation importance (--calib none): it applies to the "
+                        "search with importance only")
         importance = None
         if calib_src is not None:
             from bitdial.quant.calibrate import RANDOM, RANDOM_TOKENS, collect_importance

@@ -30,9 +30,12 @@ __all__ = [
     "quantize_rtn",
     "clip_candidates",
     "default_bit_weights",
+    "default_guard_map",
     "view_errors",
     "CLIP_CANDIDATES",
     "DEFAULT_GROUP_SIZE",
+    "GUARD_GROUP_SIZES",
+    "GUARD_PATTERN",
     "IMPORTANCE_MIN_VIEW",
     "IMPORTANCE_TOP_WEIGHT",
 ]
@@ -66,6 +69,16 @@ BIT_WEIGHT_BASE = 1.5
 #: wider, which cost the 8-bit view 1.21x the KL of separate RTN; with 4 it is 0.73x).
 IMPORTANCE_MIN_VIEW = 3
 IMPORTANCE_TOP_WEIGHT = 4.0
+
+#: With ``importance`` and a group size in ``GUARD_GROUP_SIZES``, the modules matching ``GUARD_PATTERN`` guard
+#: their views below ``IMPORTANCE_MIN_VIEW`` bits (``default_guard_map``): no group may pick a range whose
+#: error at those views exceeds that of its plain [min, max] range, the nested view's. Measured by KL
+#: (docs/bitplanes.md section 8, "Stop 27"): at G = 64 the 2-bit view's gap to plain nesting came from the
+#: value projections alone, and guarding them took it below nesting on the models where it was above; at
+#: G = 128 (two models) and G = 32 (one) the guard raised the KL of the 2- to 4-bit views. Guarding every
+#: module instead costs the 3-bit view 25-40%.
+GUARD_PATTERN = "*.self_attn.v_proj"
+GUARD_GROUP_SIZES = (64,)
 
 #: Data-free saliency of the search (used when no ``importance`` is given): the squared error of weight w_j
 #: counts ``1 + saliency * (w_j / rms_g)**2``, rms_g the root mean square of its group, so a group's extreme
@@ -199,16 +212,24 @@ def view_errors(Wg: torch.Tensor, wgt: torch.Tensor | None, lo: torch.Tensor, hi
 
 def _search_ranges(Wg: torch.Tensor, wgt: torch.Tensor | None, max_bits: int, bit_weights: dict[int, float],
                    objective: str, factors=CLIP_CANDIDATES, low_views: tuple[int, ...] = (),
-                   low_wgt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   low_wgt: torch.Tensor | None = None,
+                   guard: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group best range [M] over ``clip_candidates`` for the multi-view objective.
 
     The error of every view is weighted by ``wgt``, except the views in ``low_views``, weighted by ``low_wgt``
-    (both [M, G] or None for all 1). Groups are independent, so the search runs over chunks of
-    ``_SEARCH_GROUPS`` groups: memory stays bounded ([C, V, chunk] errors) even for a 49152 x 576 embedding.
+    (both [M, G] or None for all 1). A candidate whose error at a view in ``guard`` (views of the objective)
+    exceeds that of the unclipped candidate (1, 1) is left out of its group. Groups are independent, so the
+    search runs over chunks of ``_SEARCH_GROUPS`` groups: memory stays bounded ([C, V, chunk] errors) even
+    for a 49152 x 576 embedding.
     """
     if objective not in ("relative", "absolute"):
         raise ValueError(f"objective must be 'relative' or 'absolute', got {objective!r}")
     views = sorted(bit_weights)
+    if any(k not in views for k in guard):
+        raise ValueError(f"guard views {tuple(guard)} must be views of the objective {tuple(views)}")
+    if guard and (1.0, 1.0) not in factors:
+        raise ValueError("guard needs the unclipped candidate (1, 1) among the factors")
+    i0 = list(factors).index((1.0, 1.0)) if guard else 0  # the unclipped candidate: [min, max]
     bw = torch.tensor([float(bit_weights[k]) for k in views]).view(1, -1, 1)  # [1, V, 1]
     M = Wg.shape[0]
     lo_out, hi_out = torch.empty(M), torch.empty(M)
@@ -223,12 +244,17 @@ def _search_ranges(Wg: torch.Tensor, wgt: torch.Tensor | None, max_bits: int, bi
         if low:  # views are sorted and low_views are the lowest ones: their rows go first
             lw = None if low_wgt is None else low_wgt[a:b]
             err = torch.cat([view_errors(W_, lw, LO, HI, max_bits, low), err], dim=1)
+        excluded = torch.zeros(err.shape[0], err.shape[2], dtype=torch.bool)  # [C, m]
+        for k in guard:
+            i = views.index(k)
+            excluded |= err[:, i] > err[i0:i0 + 1, i]
         if objective == "relative":
             # each view's error relative to the best any candidate reaches at that view for this group
             floor = err.min(dim=0, keepdim=True).values  # [1, V, m]
             energy = (W_ * W_ if w_ is None else W_ * W_ * w_).sum(dim=1)  # [m]
             err = err / (floor + 1e-12 * energy + 1e-30)
-        best = (err * bw).sum(dim=1).argmin(dim=0)  # [m]
+        obj = (err * bw).sum(dim=1).masked_fill_(excluded, float("inf"))  # [C, m]
+        best = obj.argmin(dim=0)  # [m]
         idx = torch.arange(b - a)
         lo_out[a:b], hi_out[a:b] = LO[best, idx], HI[best, idx]
     return lo_out, hi_out
@@ -245,6 +271,17 @@ def default_saliency_map(group_size: int) -> dict[str, float]:
     if group_size >= SALIENCY_MIN_GROUP:
         return {SALIENCY_PATTERN: SALIENCY, "default": 0.0}
     return {"default": 0.0}
+
+
+def default_guard_map(group_size: int) -> dict[str, tuple[int, ...]]:
+    """The search's default ``{module pattern: guarded views}`` map with ``importance`` (``"default"``: the rest).
+
+    For a group size in ``GUARD_GROUP_SIZES``, the views below ``IMPORTANCE_MIN_VIEW`` bits on the modules
+    matching ``GUARD_PATTERN``; none elsewhere.
+    """
+    if group_size in GUARD_GROUP_SIZES:
+        return {GUARD_PATTERN: tuple(range(MIN_VIEW_BITS, IMPORTANCE_MIN_VIEW)), "default": ()}
+    return {"default": ()}
 
 
 def default_bit_weights(max_bits: int, importance: bool = False) -> dict[int, float]:
@@ -265,7 +302,7 @@ def default_bit_weights(max_bits: int, importance: bool = False) -> dict[int, fl
 def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE,
                      clip: str = "search", bit_weights: dict[int, float] | None = None,
                      importance: torch.Tensor | None = None, objective: str = "relative",
-                     saliency: float = 0.0) -> QuantizedTensor:
+                     saliency: float = 0.0, guard: tuple[int, ...] = ()) -> QuantizedTensor:
     """Quantize W [N, K] once at ``max_bits`` so that every k-bit view (k = 1..B) is a usable quantization.
 
     Args:
@@ -291,6 +328,11 @@ def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAU
             get it is an artifact setting (``default_saliency_map``: 2 on the attention projections at
             G >= 128). Ignored with ``importance`` (the activation statistics replace the proxy) and with
             ``clip="none"``.
+        guard: views (bit widths) that no group may quantize worse than its plain [min, max] range does:
+            the search leaves out every candidate whose error at one of them exceeds the unclipped one's
+            (each view's own error weighting). The artifact guards the 2-bit view of the value projections
+            when it has importance, at G = 64 (``default_guard_map``); () = none. Views outside the objective, or
+            k > B, are an error.
 
     Returns:
         A uniform QuantizedTensor (fp16 scales/offsets [N, n_groups], planes [B, N, ceil(K/8)]).
@@ -321,12 +363,15 @@ def quantize_uniform(W: torch.Tensor, max_bits: int = 8, group_size: int = DEFAU
             raise ValueError(f"saliency must be a finite number >= 0, got {saliency}")
         if sal > 0 and importance is None:
             wgt = _saliency_weights(Wg, wgt, sal)
+        guard = tuple(int(k) for k in guard)
+        if any(k not in bw for k in guard):
+            raise ValueError(f"guard views {guard} must be views of the search objective {tuple(sorted(bw))}")
         if importance is None:
-            lo, hi = _search_ranges(Wg, wgt, max_bits, bw, objective)  # [M]
+            lo, hi = _search_ranges(Wg, wgt, max_bits, bw, objective, guard=guard)  # [M]
         else:  # the lowest views keep the plain squared error (padding still weighs 0)
             plain = per_weight(_column_weights(K, G, None))  # [M, G] or None
             low = tuple(k for k in sorted(bw) if k < IMPORTANCE_MIN_VIEW)
-            lo, hi = _search_ranges(Wg, wgt, max_bits, bw, objective, low_views=low, low_wgt=plain)
+            lo, hi = _search_ranges(Wg, wgt, max_bits, bw, objective, low_views=low, low_wgt=plain, guard=guard)
     elif clip == "none":
         lo, hi = Wg.min(dim=1).values, Wg.max(dim=1).values  # [M]
     else:
