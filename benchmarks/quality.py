@@ -59,6 +59,7 @@ def quantize_all(src, method: str, G: int, importance=None):
     out = {}
     saliency = resolve_map(saliency_map(None, G), src.config.linear_names(), 0.0)  # the artifact's default
     guard = resolve_map(default_guard_map(G), src.config.linear_names(), ())  # ditto, with importance
+    guard_all = resolve_map(default_guard_map(64), src.config.linear_names(), ())  # method "guard": G = 64's at any G
     for name in src.config.linear_names():
         W = src.tensors[f"{name}.weight"]
         imp = importance.get(name) if importance else None
@@ -69,7 +70,7 @@ def quantize_all(src, method: str, G: int, importance=None):
                                          guard=guard[name] if imp is not None else ())
         elif method == "guard":  # ablation: random, with the value projections' guard at every group size
             out[name] = quantize_uniform(W, 8, G, clip="search", importance=imp,
-                                         guard=resolve_map(default_guard_map(64), [name], ())[name])
+                                         guard=guard_all[name])
         elif method == "nonuniform":
             out[name] = quantize_nonuniform(W, 8, importance=imp)
     return out

@@ -259,8 +259,8 @@ def test_guard_map_applies_with_importance(tmp_path, tiny):
     assert art.meta["quant"]["guard"] == {"*.mlp.*": [2, 3], "default": []}
     assert torch.equal(art.tensor(f"{up}.offsets"), ref(up, (2, 3))) and torch.equal(art.tensor(f"{v}.offsets"),
                                                                                        ref(v, ()))
-    for g, msg in (({"*.attn.*": [2]}, r"guard \*\.attn\.\*=\[2\] matches no module"),
-                   ({"*.mlp.*": [9]}, r"guard \*\.mlp\.\*: expected a list of bit widths in 2\.\.8"),
+    for g, msg in (({"*.attn.*": [2]}, r"--guard \*\.attn\.\*=2 matches no module"),
+                   ({"*.mlp.*": [9]}, r"--guard \*\.mlp\.\*: expected a list of bit widths in 2\.\.8"),
                    ({"*.mlp.*": "2"}, "expected a list of bit widths"), ({"*.mlp.*": 2}, "got 2")):
         with pytest.raises(BitdialError, match=msg):
             write("bad", group_size=64, guard=g)

@@ -173,6 +173,8 @@ def test_errors_are_clear(tmp_path, tiny_dir):
     for g in ("*.mlp.*=two", "2", "none=2"):
         r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--guard", g, ok=False)
         assert r.exit_code == 2 and "PATTERN=BITS[,BITS]" in r.output, g
+    r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--guard", "none", "--guard", "*.mlp.*=2", ok=False)
+    assert r.exit_code == 2 and "cannot be combined" in r.output
     r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--guard", "*.mlp.*=9", ok=False)
     assert r.exit_code == 2 and "bit widths in 2..8" in r.output
     r = run("quantize", tiny_dir, "-o", tmp_path / "x.bitdial", "--calib", tmp_path / "nope.txt", ok=False)

@@ -45,8 +45,9 @@ class QuantSettings:
     overrides: dict[str, int] = field(default_factory=dict)  # {module pattern: max bits}
     calib: str | None = None  # importance source recorded for provenance: a text file, "random" (token ids), None
     # views (bit widths) of each module that the search with importance keeps no worse than plain nesting in
-    # every group (quant.uniform): a {module pattern: [bits, ...]} map, or None = default_guard_map(G); the
-    # artifact records the map it used ({"default": []} without importance)
+    # every group (quant.uniform): a {module pattern: [bits, ...]} map, or None = default_guard_map(G); views
+    # above a module's maximum are skipped; the artifact records the map it used ({"default": []} without
+    # importance)
     guard: dict[str, list[int]] | None = None
 
     def validate(self) -> None:
@@ -64,8 +65,9 @@ class QuantSettings:
                     raise BitdialError(f"--saliency{where} must be a number >= 0 (0 turns it off), got {v!r}")
         for pat, views in (self.guard or {}).items():
             if not isinstance(views, (list, tuple)) or not all(isinstance(k, int) and not isinstance(k, bool)
-                                                               and 2 <= k <= self.max_bits for k in views):
-                raise BitdialError(f"guard {pat}: expected a list of bit widths in 2..{self.max_bits}, got {views!r}")
+                                                               and 2 <= k <= 8 for k in views):
+                raise BitdialError(f"--guard {pat}: expected a list of bit widths in 2..8 (a module guards those up "
+                                   f"to its own maximum), got {views!r}")
         for pat, b in self.overrides.items():
             if not 2 <= int(b) <= 8:
                 raise BitdialError(f"--override {pat}={b}: bits must be in 2..8")
@@ -165,7 +167,7 @@ def quantize_tensor(W: torch.Tensor, method: str, max_bits: int, group_size: int
     if method == "uniform":
         from bitdial.quant.uniform import quantize_uniform
 
-        guard = tuple(k for k in guard if k <= max_bits) if clip == "search" else ()  # per-module max bits
+        guard = tuple(k for k in guard if k <= max_bits)  # views above this module's maximum do not exist
         return quantize_uniform(W, max_bits=max_bits, group_size=group_size, clip=clip, importance=importance,
                                 saliency=saliency, guard=guard)
     from bitdial.quant.nonuniform import quantize_nonuniform
@@ -181,11 +183,12 @@ def write_artifact(model: LoadedModel, out: str | Path, settings: QuantSettings,
     mods = quantized_modules(model)
     user_saliency = settings.saliency if isinstance(settings.saliency, Mapping) else {}
     for flag, mapping in (("--override", settings.overrides), ("--saliency", user_saliency),
-                          ("guard", settings.guard or {})):
+                          ("--guard", settings.guard or {})):
         bad = unmatched_patterns(mapping, mods)
         if bad:
-            raise BitdialError(f"{flag} {bad[0]}={mapping[bad[0]]} matches no module of the model "
-                               f"({PATTERN_HINT})")
+            v = mapping[bad[0]]
+            v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            raise BitdialError(f"{flag} {bad[0]}={v} matches no module of the model ({PATTERN_HINT})")
     # record the map the search used, never None
     settings = replace(settings, saliency=saliency_map(settings.saliency, settings.group_size),
                        guard=guard_map(settings.guard, importance is not None and settings.method == "uniform"

@@ -336,6 +336,9 @@ def _guard_option(values: list[str]) -> dict[str, list[int]] | None:
         return None
     if values == ["none"]:
         return {"default": []}
+    if "none" in values:
+        raise BitdialError("--guard none turns the guard off and cannot be combined with PATTERN=BITS entries; "
+                           "give one or the other")
     out: dict[str, list[int]] = {"default": []}
     for v in values:
         pat, sep, bits = v.rpartition("=")
@@ -419,9 +422,11 @@ def quantize(
         if saliency and calib_src is not None:
             log.warning("--saliency has no effect with activation importance (--calib %s): the measured importance "
                         "replaces the data-free guess; add --calib none to use it", calib_src)
-        if guard and guard != ["none"] and calib_src is None:
-            log.warning("--guard has no effect without activation importance (--calib none): it applies to the "
-                        "search with importance only")
+        if guard and guard != ["none"] and (method != "uniform" or clip != "search" or calib_src is None):
+            why = ("--method nonuniform" if method != "uniform" else "--clip none" if clip != "search"
+                   else "no activation importance (--calib none, or the default skipped)")
+            log.warning("--guard has no effect with %s: it applies to the uniform clipping search with importance "
+                        "only", why)
         importance = None
         if calib_src is not None:
             from bitdial.quant.calibrate import RANDOM, RANDOM_TOKENS, collect_importance
