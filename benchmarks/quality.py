@@ -52,22 +52,23 @@ DATA = ROOT.parent.parent / "shared" / "data"
 
 def quantize_all(src, method: str, G: int, importance=None):
     """{module: QuantizedTensor at 8 bits} for every linear (or {module: {k: W_k}} for rtn)."""
-    from bitdial.artifact.writer import resolve_map, saliency_map
+    from bitdial.artifact.writer import guard_map, resolve_map, saliency_map
     from bitdial.quant.nonuniform import quantize_nonuniform
-    from bitdial.quant.uniform import default_guard_map, quantize_uniform
+    from bitdial.quant.uniform import quantize_uniform
 
     out = {}
-    saliency = resolve_map(saliency_map(None, G), src.config.linear_names(), 0.0)  # the artifact's default
-    guard = resolve_map(default_guard_map(G), src.config.linear_names(), ())  # ditto, with importance
-    guard_all = resolve_map(default_guard_map(64), src.config.linear_names(), ())  # method "guard": G = 64's at any G
-    for name in src.config.linear_names():
+    names = src.config.linear_names()
+    saliency = resolve_map(saliency_map(None, G), names, 0.0)  # the artifact's defaults
+    guard = resolve_map(guard_map(None, importance is not None, G), names, [])
+    guard_all = resolve_map(guard_map(None, True, 64), names, [])  # method "guard": G = 64's guard at any G
+    for name in names:
         W = src.tensors[f"{name}.weight"]
         imp = importance.get(name) if importance else None
         if method == "nested":
             out[name] = quantize_uniform(W, 8, G, clip="none")
         elif method in ("search", "random", "calib"):
             out[name] = quantize_uniform(W, 8, G, clip="search", importance=imp, saliency=saliency[name],
-                                         guard=guard[name] if imp is not None else ())
+                                         guard=guard[name])
         elif method == "guard":  # ablation: random, with the value projections' guard at every group size
             out[name] = quantize_uniform(W, 8, G, clip="search", importance=imp,
                                          guard=guard_all[name])
@@ -135,7 +136,7 @@ def main() -> None:
     ref = load_or_build_reference(model_logits_fn(ref_model), ids, ctx=a.ctx, max_windows=a.windows, top_k=64,
                                   identity=reference_identity(a.dither),
                                   tail_samples=32)
-    importance: dict[str, dict] = {}  # method -> {module: importance}
+    importance: dict[str, dict] = {}  # source ("calib" text or "random" ids) -> {module: importance}
     bits = [int(b) for b in a.bits.split(",")]
     groups = [int(g) for g in a.groups.split(",")]
     methods = a.methods.split(",")
@@ -157,13 +158,13 @@ def main() -> None:
             if not todo:
                 continue
             t0 = time.perf_counter()
-            if method in ("calib", "random", "guard") and method not in importance:
+            source = {"calib": "calib", "random": "random", "guard": "random"}.get(method)
+            if source is not None and source not in importance:
                 from bitdial.quant.calibrate import RANDOM, RANDOM_TOKENS, collect_importance
 
-                importance[method] = (collect_importance(src, a.calib, n_tokens=a.calib_tokens) if method == "calib"
-                                      else importance.get("random") or importance.get("guard")
-                                      or collect_importance(src, RANDOM, n_tokens=RANDOM_TOKENS))
-            qts = None if method == "rtn" else quantize_all(src, method, G, importance.get(method))
+                importance[source] = (collect_importance(src, a.calib, n_tokens=a.calib_tokens) if source == "calib"
+                                      else collect_importance(src, RANDOM, n_tokens=RANDOM_TOKENS))
+            qts = None if method == "rtn" else quantize_all(src, method, G, importance.get(source))
             tq = time.perf_counter() - t0
             err.print(f"{method} G={G}: quantized in {tq:.0f} s")
             for k in todo:
